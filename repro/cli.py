@@ -1,0 +1,129 @@
+"""The Hydra app behind `python -m repro`: compose the config, pick the stages, wire the parts.
+
+Only wiring lives here. Each stage is a function `run(cfg, run_dir, tracker) -> dict` in the
+module that owns the work; a stage whose module does not exist yet says so and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from repro.config import STAGES, register_configs
+
+log = logging.getLogger("repro")
+
+# conf/ lives beside the package in the repository (editable install).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# stage -> (module, function, where it is tracked)
+STAGE_IMPLEMENTATIONS: dict[str, tuple[str, str, str]] = {
+    "pretrain": ("repro.train.stages", "run_pretrain", "issue 6 (training engine)"),
+    "finetune": ("repro.train.stages", "run_finetune", "issue 6 (training engine)"),
+    "evaluate": ("repro.decode.evaluate", "run_evaluate", "issue 8 (evaluation)"),
+    "pseudo_label": ("repro.train.self_training", "run_pseudo_label", "the self-training issue"),
+    "featurize": ("repro.models.featurize", "run_featurize", "the wav2vec v1 / vq-wav2vec issue"),
+    "tokenize": ("repro.models.featurize", "run_tokenize", "the wav2vec v1 / vq-wav2vec issue"),
+    "demo": ("repro.tools.demo", "run_demo", "issue 10 (the main job)"),
+}
+
+
+class StageNotBuilt(RuntimeError):
+    """A stage exists in the design but its implementation has not landed."""
+
+
+def resolve_stage(stage: str):
+    """Return the callable implementing `stage`, or raise a plain-spoken error."""
+    if stage not in STAGE_IMPLEMENTATIONS:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    module_name, function_name, owner = STAGE_IMPLEMENTATIONS[stage]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.startswith(error.name):
+            raise StageNotBuilt(
+                f"stage {stage!r} is not built yet ({module_name} does not exist; tracked in {owner})"
+            ) from None
+        raise
+    if not hasattr(module, function_name):
+        raise StageNotBuilt(f"stage {stage!r} is not built yet ({module_name}.{function_name} missing; {owner})")
+    return getattr(module, function_name)
+
+
+def _rewrite_checkpoint_shorthand(argv: list[str]) -> list[str]:
+    """`checkpoint=PATH` (DESIGN.md's spelling) -> `common_eval.path=PATH`.
+
+    `checkpoint` is also fairseq's checkpoint-saving group (`checkpoint.save_interval_updates`),
+    so a bare value cannot be stored there; a value that is not a group option is a path.
+    """
+    out = []
+    for arg in argv:
+        if arg.startswith("checkpoint=") and not arg.startswith("checkpoint.="):
+            out.append("common_eval.path=" + arg.split("=", 1)[1])
+        else:
+            out.append(arg)
+    return out
+
+
+def _build_tracker(cfg: DictConfig, run_dir: Path):
+    try:
+        from repro.track import build_tracker
+    except ImportError:
+        return None
+    return build_tracker(cfg, run_dir)
+
+
+def run(cfg: DictConfig) -> int:
+    """Run the configured stages in order; return a process exit code."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+    stages = [cfg.stage] if cfg.stage else list(cfg.stages)
+    try:
+        implementations = [(stage, resolve_stage(stage)) for stage in stages]
+    except (StageNotBuilt, ValueError) as error:
+        print(f"repro: {error}", file=sys.stderr)
+        return 2
+
+    if cfg.dry_run or cfg.cluster.name == "slurm":
+        try:
+            from repro.launch import slurm
+        except ImportError:
+            print("repro: cluster launch is not built yet (tracked in issue 9)", file=sys.stderr)
+            return 2
+        if cfg.dry_run:
+            print(slurm.describe_plan(cfg))
+            return 0
+        if not slurm.inside_slurm_job():
+            return slurm.submit(cfg, run_dir)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker = _build_tracker(cfg, run_dir)
+    try:
+        for stage, implementation in implementations:
+            log.info("stage %s -> %s", stage, run_dir)
+            implementation(cfg, run_dir, tracker)
+    finally:
+        if tracker is not None:
+            tracker.finish()
+    return 0
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    code = run(cfg)
+    if code:
+        sys.exit(code)
+
+
+def main() -> None:
+    sys.argv = _rewrite_checkpoint_shorthand(sys.argv)
+    _hydra_main()

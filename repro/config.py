@@ -1,0 +1,470 @@
+"""Typed configuration schemas, registered in Hydra's ConfigStore.
+
+Group and key names follow fairseq's hydra configs (`common`, `dataset`, `optimization`,
+`checkpoint`, `distributed_training`, `task`, `model`, `criterion`, `optimizer`,
+`lr_scheduler`), so a fairseq wav2vec yaml translates line for line. Our own groups sit
+beside them: `stage`, `cluster`, `tracker`, `decode`, `paper`. The YAML under `conf/` only
+composes these schemas; every field is declared (and documented) here, so an unknown key is
+an error, not a silent no-op.
+
+Defaults are fairseq's dataclass defaults (`fairseq_spec.md` §1.1, §3.1, §5) unless a comment
+says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# Feature-extractor stacks, written as fairseq writes them (a Python list literal of tuples).
+WAV2VEC2_CONV_LAYERS = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"
+
+
+@dataclass
+class CommonConfig:
+    seed: int = 1
+    """Global seed; masks and negatives derive theirs from it, the update count and the rank."""
+    cpu: bool = False
+    """Run on CPU even when a GPU is visible."""
+    fp16: bool = False
+    """Mixed precision with float16 and dynamic loss scaling (fairseq's FP16Optimizer semantics)."""
+    bf16: bool = False
+    """Mixed precision with bfloat16 (no loss scaling needed)."""
+    fp16_init_scale: int = 128
+    """Initial loss scale for fp16 (fairseq: 2**7)."""
+    fp16_scale_window: int | None = None
+    """Updates without overflow before the scale doubles; None = 2**14 / world_size / update_freq."""
+    min_loss_scale: float = 1e-4
+    """Stop training when the fp16 loss scale falls below this (persistent overflow / NaN)."""
+    log_interval: int = 100
+    """Log training metrics every N updates."""
+    log_format: str | None = None
+    """'tqdm' (progress bar), 'json' (JSON lines) or None (tqdm on a terminal, json otherwise)."""
+
+
+@dataclass
+class CommonEvalConfig:
+    path: str | None = None
+    """Checkpoint to evaluate or start from (ours or a released fairseq file). `checkpoint=PATH` on
+    the command line is shorthand for this key."""
+    post_process: str = "letter"
+    """How label units become words: 'letter' removes spaces and turns '|' into word boundaries."""
+    results_path: str | None = None
+    """Directory for hypo/ref files; None = `<run dir>/results`."""
+
+
+@dataclass
+class DatasetConfig:
+    num_workers: int = 1
+    """DataLoader worker processes (the 2-core default keeps one core for the model)."""
+    max_tokens: int | None = 1_400_000
+    """Max audio samples per GPU batch (sum over the batch of the padded/cropped length)."""
+    batch_size: int | None = None
+    """Max utterances per batch (None = bounded by max_tokens only)."""
+    required_batch_size_multiple: int = 8
+    """Batch sizes are rounded down to a multiple of this when possible (fairseq batch_by_size)."""
+    train_subset: str = "train"
+    """Manifest split used for training (`<task.data>/<train_subset>.tsv`)."""
+    valid_subset: str = "valid"
+    """Comma-separated manifest splits used for validation."""
+    validate_interval_updates: int = 0
+    """Validate every N updates (0 = only at the end)."""
+    validate_after_updates: int = 0
+    """Do not validate before this many updates."""
+    disable_validation: bool = False
+    """Skip validation entirely."""
+    skip_invalid_size_inputs_valid_test: bool = False
+    """Drop validation/test utterances that do not fit max_tokens instead of raising."""
+
+
+@dataclass
+class TaskConfig:
+    _name: str = "audio_pretraining"
+    """'audio_pretraining' (unlabeled manifests) or 'audio_finetuning' (manifest + labels)."""
+    data: str = MISSING
+    """Directory holding `<split>.tsv` manifests (and `<split>.ltr`, `dict.ltr.txt` for fine-tuning)."""
+    labels: str | None = None
+    """Label file extension for fine-tuning ('ltr'); None for pretraining."""
+    sample_rate: int = 16_000
+    """Expected sample rate; other rates are an error (fairseq does not resample)."""
+    normalize: bool = False
+    """Zero-mean unit-variance normalize each waveform (True for LARGE LV-60 / layer_norm extractors)."""
+    enable_padding: bool = False
+    """Pad instead of crop in pretraining batches."""
+    max_sample_size: int | None = None
+    """Crop longer utterances to this many samples (random offset)."""
+    min_sample_size: int | None = None
+    """Drop utterances shorter than this many samples (labels skip the same rows)."""
+    eval_wer: bool = False
+    """Compute WER during validation (fine-tuning)."""
+
+
+@dataclass
+class ModelConfig:
+    """wav2vec 2.0 pretraining model (`wav2vec2`) and its CTC fine-tuning wrapper (`wav2vec_ctc`).
+
+    One schema for both: the CTC fields are ignored by the pretraining model and, as in fairseq's
+    `Wav2VecEncoder`, replace the matching fields of the pretrained config when fine-tuning.
+    """
+
+    _name: str = "wav2vec2"
+    """'wav2vec2' (pretraining) or 'wav2vec_ctc' (fine-tuning with a CTC head)."""
+    # --- feature extractor ------------------------------------------------------------------
+    extractor_mode: str = "default"
+    """'default': GroupNorm on the first conv block only; 'layer_norm': LayerNorm in every block."""
+    conv_feature_layers: str = WAV2VEC2_CONV_LAYERS
+    """Conv blocks as a list of (channels, kernel, stride)."""
+    conv_bias: bool = False
+    """Bias in the feature-extractor convolutions."""
+    feature_grad_mult: float = 1.0
+    """Scale of gradients into the feature extractor (0 = frozen, run under no_grad)."""
+    # --- transformer ----------------------------------------------------------------------
+    encoder_layers: int = 12
+    """Number of Transformer layers."""
+    encoder_embed_dim: int = 768
+    """Transformer model dimension D."""
+    encoder_ffn_embed_dim: int = 3072
+    """Feed-forward inner dimension."""
+    encoder_attention_heads: int = 12
+    """Attention heads."""
+    activation_fn: str = "gelu"
+    """Feed-forward activation."""
+    layer_norm_first: bool = False
+    """Pre-LN Transformer (LARGE LV-60); False = post-LN (BASE, LARGE)."""
+    conv_pos: int = 128
+    """Kernel size of the convolutional relative positional embedding."""
+    conv_pos_groups: int = 16
+    """Groups of the positional convolution."""
+    required_seq_len_multiple: int = 2
+    """Pad the frame sequence to a multiple of this inside the encoder (numerically neutral)."""
+    # --- dropouts ---------------------------------------------------------------------------
+    dropout: float = 0.1
+    """Dropout in the Transformer (residual branches and encoder input)."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities."""
+    activation_dropout: float = 0.0
+    """Dropout after the feed-forward activation."""
+    encoder_layerdrop: float = 0.0
+    """LayerDrop probability (pretraining name)."""
+    dropout_input: float = 0.0
+    """Dropout on the projected features before masking."""
+    dropout_features: float = 0.0
+    """Dropout on the unmasked features used as targets."""
+    # --- quantizer and contrastive task ----------------------------------------------------
+    final_dim: int = 0
+    """Dimension of the contrastive space (0 = encoder_embed_dim)."""
+    logit_temp: float = 0.1
+    """Temperature kappa of the cosine logits."""
+    quantize_targets: bool = False
+    """Quantize the targets with the Gumbel product quantizer."""
+    latent_vars: int = 320
+    """Codebook entries per group (V)."""
+    latent_groups: int = 2
+    """Codebook groups (G)."""
+    latent_dim: int = 0
+    """Quantized vector dimension (0 = final_dim)."""
+    latent_temp: list[float] = field(default_factory=lambda: [2.0, 0.5, 0.999995])
+    """Gumbel temperature (start, end, decay per update)."""
+    num_negatives: int = 100
+    """Distractors drawn from other masked frames of the same utterance."""
+    cross_sample_negatives: int = 0
+    """Distractors drawn from any masked frame of the batch."""
+    codebook_negatives: int = 0
+    """Distractors drawn from the codebook (unused by the papers)."""
+    negatives_from_everywhere: bool = False
+    """Draw negatives from all frames, not only masked ones (unused by the papers)."""
+    # --- masking ------------------------------------------------------------------------------
+    mask_length: int = 10
+    """Span length M of time masks."""
+    mask_prob: float = 0.65
+    """Span-start rate times mask_length (fairseq semantics: about 49% of frames at 0.65)."""
+    mask_selection: str = "static"
+    """Span length distribution (only 'static' is used by the papers)."""
+    mask_other: float = 0.0
+    """Secondary parameter of non-static span length distributions."""
+    no_mask_overlap: bool = False
+    """Forbid overlapping spans (unused by the papers)."""
+    mask_min_space: int = 1
+    """Minimum space between spans when no_mask_overlap."""
+    require_same_masks: bool = True
+    """Cut every row down to the batch minimum number of masked frames."""
+    mask_dropout: float = 0.0
+    """Fraction of masked frames un-masked again at random."""
+    mask_channel_length: int = 10
+    """Span length of channel masks."""
+    mask_channel_prob: float = 0.0
+    """Channel-mask span-start rate times mask_channel_length."""
+    mask_channel_before: bool = False
+    """Apply the channel mask before the time mask."""
+    mask_channel_selection: str = "static"
+    """Channel-mask span length distribution."""
+    mask_channel_other: float = 0.0
+    """Secondary parameter of the channel-mask distribution."""
+    no_mask_channel_overlap: bool = False
+    """Forbid overlapping channel spans."""
+    # --- CTC fine-tuning (wav2vec_ctc) ----------------------------------------------------------
+    w2v_path: str | None = None
+    """Pretrained checkpoint (ours or fairseq's) whose encoder the CTC model starts from."""
+    no_pretrained_weights: bool = False
+    """Start the CTC encoder from random weights (the 'no pretraining' baseline)."""
+    apply_mask: bool = False
+    """Apply time/channel masks while fine-tuning (SpecAugment-like)."""
+    final_dropout: float = 0.0
+    """Dropout before the CTC projection."""
+    layerdrop: float = 0.0
+    """LayerDrop while fine-tuning (replaces encoder_layerdrop of the pretrained config)."""
+    freeze_finetune_updates: int = 0
+    """Only the CTC projection trains for this many updates."""
+    normalize: bool | None = None
+    """Waveform normalization of the pretrained model (None = take task.normalize)."""
+
+
+@dataclass
+class CriterionConfig:
+    _name: str = "wav2vec"
+    """'wav2vec' (contrastive) or 'ctc'."""
+    infonce: bool = True
+    """Cross-entropy over (positive, distractors) instead of binary cross-entropy (wav2vec v1)."""
+    loss_weights: list[float] | None = None
+    """Weights of the extra losses: [diversity, feature penalty]."""
+    log_keys: list[str] = field(default_factory=lambda: ["prob_perplexity", "code_perplexity", "temp"])
+    """Model outputs copied into the logged metrics."""
+    zero_infinity: bool = True
+    """CTC: zero infinite losses (utterances shorter than their label)."""
+    post_process: str = "letter"
+    """CTC: label post-processing for WER during validation."""
+
+
+@dataclass
+class OptimizationConfig:
+    max_update: int = 0
+    """Stop after this many updates (0 = no limit)."""
+    max_epoch: int = 0
+    """Stop after this many epochs (0 = no limit)."""
+    lr: list[float] = field(default_factory=lambda: [0.0005])
+    """Peak learning rate (a list, as fairseq stores it)."""
+    update_freq: list[int] = field(default_factory=lambda: [1])
+    """Gradient accumulation steps per update."""
+    clip_norm: float = 0.0
+    """Gradient-norm clipping threshold (0 = off, fairseq's default)."""
+    sentence_avg: bool = False
+    """Normalize the loss per utterance instead of per token (CTC recipes: True)."""
+    stop_min_lr: float = -1.0
+    """Stop when the learning rate falls below this (wav2vec v1's min_lr)."""
+
+
+@dataclass
+class OptimizerConfig:
+    _name: str = "adam"
+    """Optimizer; only fairseq's Adam (decoupled weight decay) is used by the papers."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """Adam (beta1, beta2)."""
+    adam_eps: float = 1e-6
+    """Adam epsilon, added to sqrt(v) before bias correction (fairseq)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay applied to every parameter."""
+
+
+@dataclass
+class LrSchedulerConfig:
+    _name: str = "polynomial_decay"
+    """'polynomial_decay', 'tri_stage', 'cosine' or 'fixed'."""
+    warmup_updates: int = 32_000
+    """Linear warmup updates (polynomial_decay, cosine)."""
+    end_learning_rate: float = 0.0
+    """polynomial_decay: learning rate at total_num_update."""
+    power: float = 1.0
+    """polynomial_decay: decay exponent."""
+    total_num_update: int | None = None
+    """polynomial_decay: updates to reach end_learning_rate (None = optimization.max_update)."""
+    phase_ratio: list[float] | None = field(default_factory=lambda: [0.1, 0.4, 0.5])
+    """tri_stage: warmup / hold / decay fractions of max_update."""
+    init_lr_scale: float = 0.01
+    """tri_stage: initial learning rate as a fraction of the peak."""
+    final_lr_scale: float = 0.05
+    """tri_stage: final learning rate as a fraction of the peak."""
+    warmup_init_lr: float = 1e-7
+    """cosine: learning rate at update 0."""
+    min_lr: float = 1e-6
+    """cosine: floor of the cosine."""
+    lr_period_updates: int | None = None
+    """cosine: period (None = max_update - warmup_updates)."""
+    lr_shrink: float = 0.1
+    """cosine: factor applied to the amplitude after each period."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: str = "checkpoints"
+    """Directory (relative to the run directory) for checkpoints."""
+    save_interval_updates: int = 0
+    """Save an interval checkpoint every N updates (0 = only last/best at validation)."""
+    keep_interval_updates: int = 3
+    """Keep the last k interval checkpoints (-1 = all)."""
+    best_checkpoint_metric: str = "loss"
+    """Validation metric that selects checkpoint_best ('wer' for fine-tuning)."""
+    maximize_best_checkpoint_metric: bool = False
+    """Higher is better for best_checkpoint_metric."""
+    no_save: bool = False
+    """Never write checkpoints."""
+    save_optimizer_state: bool = True
+    """Include the optimizer state (needed for exact resume)."""
+
+
+@dataclass
+class DistributedTrainingConfig:
+    distributed_world_size: int = 1
+    """Number of processes (GPUs) training together."""
+    distributed_backend: str | None = None
+    """'nccl' or 'gloo' (None = nccl on GPU, gloo on CPU)."""
+    paper_world_size: int | None = None
+    """GPUs of the original run; update_freq is scaled so that the effective batch is the paper's."""
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    """'local' or 'slurm'."""
+    partition: str | None = None
+    """SLURM partition (env SLURM_PARTITION when unset)."""
+    account: str | None = None
+    """SLURM account."""
+    qos: str | None = None
+    """SLURM quality of service."""
+    constraint: str | None = None
+    """SLURM node constraint (e.g. 'volta32gb')."""
+    timeout_min: int = 4320
+    """Job time limit in minutes; the job checkpoints and requeues before it."""
+    nodes: int = 1
+    """Nodes per job."""
+    gpus_per_node: int = 0
+    """GPUs per node (one task per GPU)."""
+    cpus_per_task: int = 2
+    """CPUs per task."""
+    mem_gb: int | None = None
+    """Memory per node in GB."""
+    gpu_type: str | None = None
+    """Informational GPU type for compute accounting ('V100', 'A100', 'H100')."""
+    max_num_timeout: int = 20
+    """How many times a preempted or timed-out job is requeued."""
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None
+    """MLflow store or server; None = sqlite:///<runs root>/mlflow.db (embedded, nothing to start)."""
+    experiment_name: str | None = None
+    """MLflow experiment; None = the paper table of the experiment row."""
+    log_checkpoints: bool = False
+    """Upload checkpoints as artifacts."""
+
+
+@dataclass
+class WandbConfig:
+    project: str = "repro"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user)."""
+    mode: str = "offline"
+    """'offline' (no account needed; `wandb sync` later) or 'online'."""
+
+
+@dataclass
+class TrackerConfig:
+    backends: list[str] = field(default_factory=lambda: ["mlflow"])
+    """Trackers besides the always-on JSONL log: any of 'mlflow', 'wandb'."""
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    """MLflow settings."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """W&B settings."""
+
+
+@dataclass
+class DecodeConfig:
+    type: str = "viterbi"
+    """'viterbi', 'kenlm' (lexicon beam + n-gram) or 'fairseqlm' (lexicon beam + Transformer LM)."""
+    name: str | None = None
+    """Label of this decoding setup in metrics and reports (None = type)."""
+    lm_model: str | None = None
+    """KenLM model (.arpa/.bin) or Transformer LM checkpoint."""
+    lexicon: str | None = None
+    """Lexicon file: `WORD<TAB>W O R D |`."""
+    lm_weight: float = 2.0
+    """LM weight."""
+    word_score: float = -1.0
+    """Word insertion score."""
+    sil_weight: float = 0.0
+    """Silence insertion score."""
+    unk_weight: float = float("-inf")
+    """Unknown-word score."""
+    beam: int = 500
+    """Beam size."""
+    beam_threshold: float = 25.0
+    """Prune hypotheses scoring this much below the best."""
+    beam_size_token: int = 100
+    """Tokens considered per frame."""
+    nbest: int = 1
+    """Hypotheses returned."""
+
+
+@dataclass
+class PaperConfig:
+    rows: list[str] = field(default_factory=list)
+    """Row ids in paper_results.csv this experiment reproduces."""
+    table: str | None = None
+    """Paper table the rows belong to (the MLflow experiment name)."""
+    gpus: int | None = None
+    """GPUs of the original run."""
+    gpu_type: str | None = None
+    """GPU type of the original run."""
+    hours: float | None = None
+    """Wall-clock hours of the original run."""
+    decoding: list[str] = field(default_factory=list)
+    """Decoding setups evaluated for the rows: 'viterbi', 'kenlm_4gram', 'transformer'."""
+    eval_splits: list[str] = field(default_factory=lambda: ["dev_clean", "dev_other", "test_clean", "test_other"])
+    """Splits evaluated."""
+    synthetic: bool = False
+    """Rows measured on the synthetic corpus, never mixed with LibriSpeech numbers."""
+
+
+@dataclass
+class ReproConfig:
+    """The whole composed configuration of one run."""
+
+    experiment: str = "none"
+    """Name of the experiment row (set by the experiment file)."""
+    stage: str | None = None
+    """Run only this stage; None = the experiment's `stages` in order."""
+    stages: list[str] = field(default_factory=lambda: ["pretrain"])
+    """Default stage list: pretrain, finetune, evaluate, pseudo_label, featurize, tokenize, demo."""
+    dry_run: bool = False
+    """Print what would run (sbatch parameters, world size, update_freq, config) and exit."""
+    common: CommonConfig = field(default_factory=CommonConfig)
+    common_eval: CommonEvalConfig = field(default_factory=CommonEvalConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    criterion: CriterionConfig = field(default_factory=CriterionConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LrSchedulerConfig = field(default_factory=LrSchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed_training: DistributedTrainingConfig = field(default_factory=DistributedTrainingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    decodings: dict[str, Any] = field(default_factory=dict)
+    """Named decoding setups (overrides of `decode`) evaluated by stage=evaluate."""
+    paper: PaperConfig = field(default_factory=PaperConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` and every group file are validated against it."""
+    cs = ConfigStore.instance()
+    cs.store(name="repro_schema", node=ReproConfig)
+
+
+STAGES = ("pretrain", "finetune", "evaluate", "pseudo_label", "featurize", "tokenize", "demo")
