@@ -428,6 +428,12 @@ class PaperConfig:
     """Splits evaluated."""
     synthetic: bool = False
     """Rows measured on the synthetic corpus, never mixed with LibriSpeech numbers."""
+    model_label: str | None = None
+    """Model column of the report ('BASE', 'LARGE', 'tiny'); None = model._name."""
+    pretrain_data: str | None = None
+    """Unlabeled data column of the report ('LS-960', 'LV-60k', 'synthetic')."""
+    labeled_data: str | None = None
+    """Labeled data column of the report ('10m', '1h', '10h', '100h', '960h')."""
 
 
 @dataclass

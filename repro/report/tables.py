@@ -1,0 +1,170 @@
+"""Join runs with the paper's numbers into tables laid out like wav2vec 2.0's Tables 1 and 2.
+
+Rows are model x pretraining data x labeled data x LM; columns are the four LibriSpeech
+splits; each cell carries ours, the paper's and the difference. Runs on the synthetic corpus go
+to their own table and are never joined with LibriSpeech numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from repro.report.collect import DECODING_LM, RunRecord
+from repro.report.paper import SPLITS, PaperRow, paper_key
+
+LABELED_ORDER = {"10m": 0, "1h": 1, "10h": 2, "100h": 3, "960h": 4}
+LM_ORDER = {"None": 0, "4-gram": 1, "Transf.": 2}
+# The synthetic corpus uses LibriSpeech's directory names (dev-clean); results use fairseq's (dev_clean).
+SPLIT_TITLES = {"dev_clean": "dev-clean", "dev_other": "dev-other", "test_clean": "test-clean", "test_other": "test-other"}
+
+
+@dataclass
+class TableRow:
+    """One line of a results table."""
+
+    model: str
+    pretrain_data: str
+    labeled_data: str
+    lm: str
+    status: str
+    """'finished', 'running', 'failed' or 'not run'."""
+    ours: dict[str, float | None] = field(default_factory=dict)
+    paper: dict[str, float | None] = field(default_factory=dict)
+    run: str = ""
+    row_id: str = ""
+
+    def delta(self, split: str) -> float | None:
+        ours, paper = self.ours.get(split), self.paper.get(split)
+        return None if ours is None or paper is None else ours - paper
+
+    @property
+    def sort_key(self):
+        return (
+            self.model,
+            self.pretrain_data,
+            LABELED_ORDER.get(self.labeled_data, 99),
+            LM_ORDER.get(self.lm, 99),
+        )
+
+
+@dataclass
+class Table:
+    title: str
+    rows: list[TableRow]
+    synthetic: bool = False
+
+
+def _lm_to_decoding(lm: str) -> str | None:
+    return {label: name for name, label in DECODING_LM.items()}.get(lm)
+
+
+def _split_values(results: dict[str, dict[str, float]], metric: str = "wer") -> dict[str, float | None]:
+    values: dict[str, float | None] = {}
+    for split in SPLITS:
+        cell = results.get(split) or results.get(SPLIT_TITLES[split])
+        values[split] = None if cell is None or metric not in cell else float(cell[metric])
+    return values
+
+
+def build_tables(records: list[RunRecord], paper_rows: dict[str, PaperRow]) -> list[Table]:
+    """Tables 1 (low-resource) and 2 (960 h) of wav2vec 2.0 with our runs joined in, plus one table
+    of synthetic-corpus runs."""
+    runs_by_row: dict[str, RunRecord] = {}
+    for record in records:
+        if record.synthetic:
+            continue
+        for row_id in record.rows:
+            runs_by_row[row_id] = record  # later (sorted) runs of the same row win
+
+    tables: list[Table] = []
+    for table_number, title in (("1", "Table 1: low-resource labeled data"), ("2", "Table 2: 960 h labeled data")):
+        rows: list[TableRow] = []
+        for row_id, paper_row in paper_rows.items():
+            if paper_key(paper_row.paper) != "w2v2" or paper_row.table != table_number:
+                continue
+            if not paper_row.model.startswith(("BASE", "LARGE")):
+                continue  # the baselines of other papers are context we do not re-run
+            record = runs_by_row.get(row_id)
+            decoding = _lm_to_decoding(paper_row.lm)
+            ours = _split_values(record.results.get(decoding, {})) if record and decoding else {}
+            rows.append(
+                TableRow(
+                    model=paper_row.model,
+                    pretrain_data=paper_row.pretrain_data,
+                    labeled_data=paper_row.labeled_data,
+                    lm=paper_row.lm,
+                    status=record.status if record else "not run",
+                    ours=ours,
+                    paper=dict(paper_row.values),
+                    run=record.name if record else "",
+                    row_id=row_id,
+                )
+            )
+        tables.append(Table(title=title, rows=sorted(rows, key=lambda r: r.sort_key)))
+
+    synthetic_rows: list[TableRow] = []
+    for record in records:
+        if not record.synthetic:
+            continue
+        decodings = record.results or {"viterbi": {}}
+        for decoding, results in decodings.items():
+            synthetic_rows.append(
+                TableRow(
+                    model=record.model,
+                    pretrain_data=record.pretrain_data if record.pretrained else "none (from scratch)",
+                    labeled_data=record.labeled_data,
+                    lm=DECODING_LM.get(decoding, decoding),
+                    status=record.status,
+                    ours=_split_values(results),
+                    paper={},
+                    run=record.name,
+                )
+            )
+    if synthetic_rows:
+        tables.append(
+            Table(
+                title="Synthetic corpus (demo; not comparable with LibriSpeech numbers)",
+                rows=sorted(synthetic_rows, key=lambda r: r.sort_key),
+                synthetic=True,
+            )
+        )
+    return tables
+
+
+def format_cell(row: TableRow, split: str, synthetic: bool) -> str:
+    """'ours / paper / delta', with '-' for what is missing."""
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    ours, paper = row.ours.get(split), row.paper.get(split)
+    if synthetic:
+        return number(ours)
+    delta = row.delta(split)
+    delta_text = "" if delta is None else f" / {delta:+.1f}"
+    return f"{number(ours)} / {number(paper)}{delta_text}"
+
+
+@dataclass
+class ComputeRow:
+    run: str
+    status: str
+    gpus: int
+    wall_hours: float | None
+    gpu_hours: float | None
+    paper_gpu_hours: float | None
+
+
+def compute_rows(records: list[RunRecord]) -> list[ComputeRow]:
+    """GPU-hours used per run beside the original run's (GPUs x hours from the experiment's paper block)."""
+    return [
+        ComputeRow(
+            run=r.name,
+            status=r.status,
+            gpus=r.gpus,
+            wall_hours=None if r.wall_seconds is None else r.wall_seconds / 3600.0,
+            gpu_hours=r.gpu_hours,
+            paper_gpu_hours=r.paper_gpu_hours,
+        )
+        for r in records
+    ]
