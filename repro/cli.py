@@ -7,8 +7,10 @@ module that owns the work; a stage whose module does not exist yet says so and e
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -103,15 +105,47 @@ def run(cfg: DictConfig) -> int:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    status = RunStatus(run_dir, name=cfg.experiment, stage=",".join(stages), gpus=_visible_gpus(cfg))
     tracker = _build_tracker(cfg, run_dir)
+    outcome = "failed"
     try:
         for stage, implementation in implementations:
             log.info("stage %s -> %s", stage, run_dir)
+            status.write("running", current_stage=stage)
             implementation(cfg, run_dir, tracker)
+        outcome = "finished"
     finally:
+        status.write(outcome)
         if tracker is not None:
-            tracker.finish()
+            tracker.finish("FINISHED" if outcome == "finished" else "FAILED")
     return 0
+
+
+def _visible_gpus(cfg: DictConfig) -> int:
+    """GPUs this run uses (for GPU-hour accounting in the report); 0 on CPU."""
+    import torch
+
+    if cfg.common.cpu or not torch.cuda.is_available():
+        return 0
+    return int(cfg.distributed_training.distributed_world_size)
+
+
+class RunStatus:
+    """`<run_dir>/status.json`: state, stage, devices and wall time accumulated over restarts."""
+
+    def __init__(self, run_dir: Path, name: str, stage: str, gpus: int):
+        self.path = run_dir / "status.json"
+        previous = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.earlier_seconds = float(previous.get("wall_seconds", 0.0))  # a resumed run adds to it
+        self.started = time.time()
+        self.fields = {"name": name, "stage": stage, "gpus": gpus}
+
+    def write(self, status: str, **extra) -> None:
+        wall = self.earlier_seconds + time.time() - self.started
+        record = {**self.fields, **extra, "status": status, "wall_seconds": round(wall, 3), "updated": time.time()}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(self.path)
 
 
 register_configs()
