@@ -1,0 +1,23 @@
+"""Shared test settings.
+
+Integration tests that need a real service (SLURM, an MLflow server, KenLM binaries) call
+`require(condition, reason)`: on a developer machine without the service they skip with the
+reason; in CI (`CI=true`) the same condition is a failure, so a missing part is never hidden.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip (developer machine) or fail (CI) when `condition` is false."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
