@@ -1,0 +1,107 @@
+"""Manifest tool speed: files/s of `repro.tools manifest` vs the plain sequential approach.
+
+The baseline is what fairseq's wav2vec_manifest.py does: `glob.iglob(root/**/*.flac)` then
+`soundfile.info(f).frames` one file at a time. Ours walks the tree and reads headers in a
+process pool over all cores. Both run in this process on the same files, after one untimed
+warm-up pass (so both see a warm page cache); the best of `--repeats` runs is reported, and
+the ratio ours / baseline is printed on the last line.
+
+    python -m benchmarks.bench_manifest            # 5,000 files
+    python -m benchmarks.bench_manifest --quick    # 500 files (smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from repro.tools.manifest import build_manifest, default_workers
+
+FILES_PER_CHAPTER = 50
+SAMPLES_PER_FILE = 1_600  # 0.1 s at 16 kHz: small files make the per-file overhead dominate
+
+
+def generate_files(root: Path, count: int, seed: int = 0) -> None:
+    """`count` short FLACs in a LibriSpeech-like speaker/chapter tree (written once)."""
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        chapter_dir = root / str(index // (FILES_PER_CHAPTER * 4)) / str(index // FILES_PER_CHAPTER)
+        chapter_dir.mkdir(parents=True, exist_ok=True)
+        samples = rng.uniform(-0.3, 0.3, SAMPLES_PER_FILE + index % 97).astype(np.float32)
+        soundfile.write(chapter_dir / f"utt-{index:06d}.flac", samples, 16_000)
+
+
+def baseline_manifest(root: Path) -> list[tuple[str, int]]:
+    """glob, then soundfile.info one file at a time (fairseq's wav2vec_manifest.py loop)."""
+    root_real = os.path.realpath(root)
+    rows = []
+    for file_name in glob.iglob(os.path.join(root_real, "**/*.flac"), recursive=True):
+        rows.append(
+            (os.path.relpath(os.path.realpath(file_name), root_real), soundfile.info(file_name).frames)
+        )
+    return rows
+
+
+def ours_manifest(root: Path, workers: int | None) -> list[tuple[str, int]]:
+    result = build_manifest(root, "flac", valid_percent=0.0, workers=workers, progress=False)
+    return [(entry.rel_path, entry.num_samples) for entry in result.train]
+
+
+def best_time(function, repeats: int) -> tuple[float, list[tuple[str, int]]]:
+    best, rows = float("inf"), []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        rows = function()
+        best = min(best, time.perf_counter() - started)
+    return best, rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="500 files instead of 5,000")
+    parser.add_argument("--files", type=int, default=None, help="number of files (overrides --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (best is kept)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="reuse/generate the files here instead of a temp dir"
+    )
+    args = parser.parse_args()
+    count = args.files or (500 if args.quick else 5_000)
+    repeats = args.repeats or (2 if args.quick else 3)
+
+    with tempfile.TemporaryDirectory(prefix="bench_manifest_") as temporary:
+        root = args.dir or Path(temporary)
+        existing = len(list(root.rglob("*.flac"))) if root.exists() else 0
+        if existing != count:
+            started = time.perf_counter()
+            generate_files(root, count)
+            print(f"generated {count} files in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        workers = default_workers()
+        ours_manifest(root, workers)  # warm-up: page cache, imports, first pool start
+        baseline_seconds, baseline_rows = best_time(lambda: baseline_manifest(root), repeats)
+        ours_seconds, ours_rows = best_time(lambda: ours_manifest(root, workers), repeats)
+        single_seconds, _ = best_time(lambda: ours_manifest(root, 1), repeats)
+        if sorted(baseline_rows) != sorted(ours_rows):
+            print("error: our manifest rows differ from the baseline's", file=sys.stderr)
+            return 1
+
+    def rate(seconds: float) -> float:
+        return count / seconds
+
+    print(f"files: {count}, cores: {workers}, best of {repeats}")
+    print(f"baseline (glob + soundfile.info, sequential): {rate(baseline_seconds):10.0f} files/s")
+    print(f"ours, 1 worker:                               {rate(single_seconds):10.0f} files/s")
+    print(f"ours, {workers:2d} workers:                             {rate(ours_seconds):10.0f} files/s")
+    print(f"ratio ours/baseline files/s: {baseline_seconds / ours_seconds:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
