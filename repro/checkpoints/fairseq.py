@@ -1,0 +1,717 @@
+"""Load the wav2vec 2.0 checkpoints fairseq released (and fairseq's trainer writes) without fairseq.
+
+A fairseq file is a pickle (fairseq_spec.md §9.1): besides tensors it holds an `argparse.Namespace`
+(2020 releases), a pickled omegaconf `DictConfig` (files saved Nov 2020 - Mar 2021) or a plain dict
+(`cfg`, newer files), and sometimes pickled fairseq objects (meters in `extra_state`, the target
+`Dictionary` in `task_state`). `torch.load(weights_only=True)` refuses all of these, and plain
+`torch.load` would run whatever a file names. `safe_load` unpickles with an allow-list: tensor
+rebuilding, the few stdlib / numpy / omegaconf classes these files use, and inert stand-ins for every
+`fairseq.*` name. Anything else (os.system, builtins.eval, ...) raises `UnsafeCheckpointError`
+before it is called.
+
+`load(path)` then turns the stored configuration of any era into our `ModelConfig`, builds
+`Wav2Vec2Model` (arch `wav2vec2`) or `Wav2Vec2CTC` (arch `wav2vec_ctc`), and loads the state dict
+strictly. Our own files (`format.py`) are accepted too.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import argparse
+import ast
+import collections
+import dataclasses
+import io
+import logging
+import pickle
+import re
+import typing
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from repro.checkpoints.format import (
+    FORMAT,
+    CheckpointError,
+    UnsafeCheckpointError,
+    check_repro_checkpoint,
+    describe_unreadable,
+)
+from repro.config import ModelConfig, TaskConfig
+from repro.models.ctc import CTC_FIELDS, FINETUNE_OVERRIDES
+
+log = logging.getLogger(__name__)
+
+
+class NotWav2Vec2Error(CheckpointError):
+    """A readable checkpoint that holds something other than a wav2vec 2.0 model."""
+
+
+@dataclass
+class LoadedModel:
+    """What `load` returns: the model (eval mode, fp32, CPU) and what it was trained with."""
+
+    model: torch.nn.Module
+    model_cfg: ModelConfig
+    task_cfg: dict[str, Any]
+    dictionary: Any  # repro.data.dictionary.Dictionary | None (CTC files rarely carry it, §9.1)
+    kind: str  # "wav2vec2" | "wav2vec_ctc"
+
+
+# =================================================================================================
+# Restricted unpickling
+# =================================================================================================
+
+
+class FairseqObject:
+    """Inert stand-in for any pickled `fairseq.*` global (class, enum, function).
+
+    It records what the pickle hands it (constructor arguments, `__setstate__` state, dict / list
+    items) and never runs fairseq code. `fairseq_name` is the dotted name the file referenced.
+    """
+
+    fairseq_name: ClassVar[str] = "fairseq"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> FairseqObject:
+        obj = super().__new__(cls)
+        obj.args, obj.kwargs, obj.state = args, kwargs, None
+        obj.items, obj.elements = {}, []
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # pickled dict subclasses (MetersDict)
+        self.items[key] = value
+
+    def append(self, value: Any) -> None:  # pickled list subclasses
+        self.elements.append(value)
+
+    def extend(self, values: Any) -> None:
+        self.elements.extend(values)
+
+    def __repr__(self) -> str:
+        return f"<pickled {self.fairseq_name} args={self.args!r}>"
+
+
+class FairseqDictionary(FairseqObject):
+    """Stand-in for `fairseq.data.dictionary.Dictionary`; `to_dictionary` rebuilds ours."""
+
+    fairseq_name = "fairseq.data.dictionary.Dictionary"
+
+    def to_dictionary(self, path: Path | str = "<checkpoint>") -> Any:
+        """Our Dictionary with the same symbols at the same indices (and the same counts)."""
+        from repro.data.dictionary import SPECIAL_SYMBOLS, Dictionary
+
+        state = self.state if isinstance(self.state, dict) else {}
+        symbols = state.get("symbols")
+        if not isinstance(symbols, list) or not all(isinstance(s, str) for s in symbols):
+            raise CheckpointError(f"{path}: pickled fairseq Dictionary has no symbol list")
+        specials = {name: state.get(f"{name}_index") for name in ("bos", "pad", "eos", "unk")}
+        if tuple(symbols[:4]) != SPECIAL_SYMBOLS or specials != {"bos": 0, "pad": 1, "eos": 2, "unk": 3}:
+            raise CheckpointError(
+                f"{path}: pickled fairseq Dictionary has specials {symbols[:4]} at {specials}; repro expects "
+                f"{list(SPECIAL_SYMBOLS)} at indices 0..3"
+            )
+        indices = state.get("indices")
+        if isinstance(indices, dict) and any(indices.get(s) != i for i, s in enumerate(symbols)):
+            raise CheckpointError(f"{path}: pickled fairseq Dictionary: 'indices' disagrees with 'symbols'")
+        dictionary = Dictionary.from_symbols(symbols[4:])
+        counts = state.get("count")
+        if isinstance(counts, list) and len(counts) == len(symbols):
+            dictionary.counts = [int(c) for c in counts]
+        return dictionary
+
+
+@cache
+def _fairseq_stub(name: str) -> type:
+    """One stand-in class per referenced fairseq name (cached, so identity checks in a file hold)."""
+    if name == FairseqDictionary.fairseq_name:
+        return FairseqDictionary
+    short = name.rsplit(".", 1)[-1]
+    return type(short, (FairseqObject,), {"fairseq_name": name, "__module__": __name__})
+
+
+def _numpy_globals() -> dict[str, Any]:
+    """numpy's array / scalar / dtype reconstruction, under both its 1.x and 2.x module names."""
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]  # multiarray._reconstruct
+    scalar = np.float64(0).__reduce__()[0]  # multiarray.scalar
+    found: dict[str, Any] = {}
+    for package in ("numpy.core", "numpy._core"):
+        found[f"{package}.multiarray._reconstruct"] = reconstruct
+        found[f"{package}.multiarray.scalar"] = scalar
+    found["numpy.ndarray"] = np.ndarray
+    found["numpy.dtype"] = np.dtype
+    return found
+
+
+def _torch_globals() -> dict[str, Any]:
+    """Tensor / storage rebuilding: what `torch.save` of a state dict emits (any torch version)."""
+    found: dict[str, Any] = {
+        "torch.Size": torch.Size,
+        "torch.device": torch.device,
+        "torch.Tensor": torch.Tensor,
+        "torch.nn.parameter.Parameter": torch.nn.Parameter,
+        "torch.serialization._get_layout": torch.serialization._get_layout,
+        "torch._tensor._rebuild_from_type_v2": torch._tensor._rebuild_from_type_v2,
+    }
+    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+                 "_rebuild_parameter_with_state", "_rebuild_device_tensor_from_numpy"):
+        if hasattr(torch._utils, name):
+            found[f"torch._utils.{name}"] = getattr(torch._utils, name)
+    for name in dir(torch):
+        value = getattr(torch, name, None)
+        if isinstance(value, (torch.dtype, torch.layout)):
+            found[f"torch.{name}"] = value
+        elif name.endswith("Storage") and isinstance(value, type):  # legacy typed storages (old files)
+            found[f"torch.{name}"] = value
+    return found
+
+
+def _omegaconf_globals() -> dict[str, Any]:
+    """The classes a pickled omegaconf DictConfig references (§9.2)."""
+    from omegaconf import base, dictconfig, listconfig, nodes
+
+    found: dict[str, Any] = {
+        "omegaconf.dictconfig.DictConfig": dictconfig.DictConfig,
+        "omegaconf.listconfig.ListConfig": listconfig.ListConfig,
+        "omegaconf.base.Metadata": base.Metadata,
+        "omegaconf.base.ContainerMetadata": base.ContainerMetadata,
+    }
+    for name in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "EnumNode",
+                 "BytesNode", "PathNode"):
+        if hasattr(nodes, name):
+            found[f"omegaconf.nodes.{name}"] = getattr(nodes, name)
+    return found
+
+
+@lru_cache(maxsize=1)
+def allowed_globals() -> dict[str, Any]:
+    """Every global a checkpoint may name, as "module.qualname" -> object (fairseq.* aside)."""
+    import builtins
+    import codecs
+    import copyreg
+
+    found: dict[str, Any] = {
+        "collections.OrderedDict": collections.OrderedDict,
+        "collections.defaultdict": collections.defaultdict,
+        "collections.Counter": collections.Counter,
+        "argparse.Namespace": argparse.Namespace,
+        "typing.Any": typing.Any,
+        # bytes objects in protocol-2 pickles are written as _codecs.encode(str, "latin1").
+        "_codecs.encode": codecs.encode,
+        "copyreg._reconstructor": copyreg._reconstructor,
+    }
+    # Types as values (omegaconf's Metadata.key_type / object_type) and small constructors (bytes()
+    # is how protocol 2 writes b"").
+    for name in ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "dict", "list",
+                 "tuple", "str", "int", "float", "bool", "object"):
+        found[f"builtins.{name}"] = getattr(builtins, name)
+    found.update(_torch_globals())
+    found.update(_numpy_globals())
+    found.update(_omegaconf_globals())
+    return found
+
+
+def resolve_global(module: str, name: str, path: Path | str) -> Any:
+    """The object a pickle's GLOBAL opcode may get, or `UnsafeCheckpointError`."""
+    original = f"{module}.{name}"
+    # Protocol-2 pickles written by Python 3 use Python 2 module names (__builtin__, copy_reg).
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    dotted = f"{module}.{name}"
+    if module == "fairseq" or module.startswith("fairseq."):
+        return _fairseq_stub(dotted)
+    allowed = allowed_globals()
+    if dotted in allowed:
+        return allowed[dotted]
+    shown = dotted if dotted == original else f"{original} (= {dotted})"
+    raise UnsafeCheckpointError(
+        f"{path}: refused to unpickle global '{shown}': it is not on the allow-list of a wav2vec 2.0 "
+        "checkpoint (tensors, argparse/omegaconf configs, numpy scalars, fairseq objects), so the file "
+        "could run arbitrary code or is not a model checkpoint. Nothing it names was called."
+    )
+
+
+def restricted_pickle_module(path: Path | str) -> ModuleType:
+    """A `pickle`-like module for `torch.load(pickle_module=...)` whose Unpickler uses the allow-list."""
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            return resolve_global(module, name, path)
+
+    def load(file: typing.BinaryIO, **kwargs: Any) -> Any:
+        return RestrictedUnpickler(file, **kwargs).load()
+
+    def loads(data: bytes, **kwargs: Any) -> Any:
+        return RestrictedUnpickler(io.BytesIO(data), **kwargs).load()
+
+    module = ModuleType("repro_restricted_pickle")
+    module.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
+    module.load = load  # type: ignore[attr-defined]
+    module.loads = loads  # type: ignore[attr-defined]
+    module.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
+    return module
+
+
+def safe_load(path: str | Path) -> dict[str, Any]:
+    """Unpickle a torch checkpoint (fairseq's or ours) through the allow-list; returns the raw dict.
+
+    Namespaces, omegaconf containers and `FairseqObject` stand-ins are returned as unpickled; use
+    `stored_config` / `to_plain` to read the configuration.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle_module(path))
+    except CheckpointError:
+        raise
+    except Exception as error:  # damaged bytes surface as RuntimeError / EOFError / KeyError / ...
+        raise CheckpointError(describe_unreadable(path, error)) from error
+    if not isinstance(obj, dict):
+        raise NotWav2Vec2Error(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+# =================================================================================================
+# Stored configuration -> plain dicts
+# =================================================================================================
+
+
+INTERPOLATION = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")
+
+
+def resolve_interpolations(tree: Any, root: Any = None, depth: int = 0) -> Any:
+    """Replace strings that are exactly `${dotted.path}` by the value at that path of `root`.
+
+    fairseq's configs use only such node references (`II("task.normalize")`). Resolver calls
+    (`${oc.env:...}`, `${now:...}`) are left verbatim on purpose: a file must not make us read
+    environment variables or call anything.
+    """
+    root = tree if root is None else root
+    if isinstance(tree, dict):
+        return {key: resolve_interpolations(value, root, depth) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [resolve_interpolations(value, root, depth) for value in tree]
+    match = INTERPOLATION.match(tree) if isinstance(tree, str) else None
+    if match is None or depth > 8:
+        return tree
+    target: Any = root
+    for part in match.group(1).split("."):
+        if not isinstance(target, dict) or part not in target:
+            return tree  # dangling reference: keep the text
+        target = target[part]
+    return resolve_interpolations(target, root, depth + 1)
+
+
+def to_plain(obj: Any) -> Any:
+    """Namespaces, omegaconf containers, OrderedDicts and fairseq stand-ins -> dicts / lists / scalars."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(obj, (DictConfig, ListConfig)):
+        plain = to_plain(OmegaConf.to_container(obj, resolve=False, enum_to_str=True))
+        return resolve_interpolations(plain)
+    if isinstance(obj, argparse.Namespace):
+        return {key: to_plain(value) for key, value in vars(obj).items()}
+    if isinstance(obj, dict):
+        return {key: to_plain(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(value) for value in obj)
+    if isinstance(obj, FairseqObject):
+        # A fairseq ChoiceEnum member pickles as EnumClass(value): keep the value.
+        if len(obj.args) == 1 and isinstance(obj.args[0], (str, int, float, bool)):
+            return obj.args[0]
+        if isinstance(obj.state, dict):
+            return to_plain(obj.state)
+        return repr(obj)
+    if isinstance(obj, type) and issubclass(obj, FairseqObject):
+        return obj.fairseq_name
+    return obj
+
+
+@dataclass
+class StoredConfig:
+    """The configuration of a fairseq file, whatever its era, as plain dicts.
+
+    `model` / `task` are the sections of the file's own model (for a fine-tuned file: the CTC
+    settings); `pretrain_model` / `pretrain_task` come from `w2v_args` (fine-tuned files only).
+    """
+
+    arch: str
+    model: dict[str, Any]
+    task: dict[str, Any]
+    pretrain_model: dict[str, Any] | None
+    pretrain_task: dict[str, Any] | None
+    era: str  # "args" | "cfg"
+
+
+def _sections(config: Any) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(model section, task section, era) of an args Namespace / cfg (DictConfig or dict)."""
+    plain = to_plain(config)
+    if not isinstance(plain, dict):
+        raise TypeError(f"a {type(config).__name__}")
+    if isinstance(plain.get("model"), dict):  # hydra era: sections
+        task = plain.get("task") if isinstance(plain.get("task"), dict) else {}
+        return plain["model"], task, "cfg"
+    # argparse era: one flat namespace; arch + task name + every model/task/trainer argument.
+    model = dict(plain)
+    if "arch" in model and "_name" not in model:
+        model["_name"] = model["arch"]
+    task = dict(plain)
+    task["_name"] = plain.get("task")
+    return model, task, "args"
+
+
+def stored_config(raw: dict[str, Any], path: Path | str) -> StoredConfig:
+    """Normalise `args` (Namespace) / `cfg` (DictConfig or dict) of a fairseq checkpoint (§9.1)."""
+    source = raw.get("cfg") if raw.get("cfg") is not None else raw.get("args")
+    if source is None:
+        raise NotWav2Vec2Error(f"{path}: a fairseq-style file without 'args' or 'cfg'; cannot tell what model it holds")
+    try:
+        model, task, era = _sections(source)
+    except TypeError as error:
+        raise CheckpointError(f"{path}: stored config is {error}, expected a Namespace or a dict") from None
+    arch = model.get("_name") or model.get("arch")
+    if not isinstance(arch, str):
+        raise NotWav2Vec2Error(f"{path}: stored config names no model architecture (no 'arch' / 'model._name')")
+    pretrain_model = pretrain_task = None
+    w2v_args = model.get("w2v_args")
+    if w2v_args is not None:
+        try:
+            pretrain_model, pretrain_task, _ = _sections(w2v_args)
+        except TypeError as error:
+            raise CheckpointError(f"{path}: w2v_args is {error}, expected a Namespace or a dict") from None
+    return StoredConfig(arch=arch, model=model, task=task, pretrain_model=pretrain_model,
+                        pretrain_task=pretrain_task, era=era)
+
+
+# --- what a file holds --------------------------------------------------------------------------------
+
+PRETRAIN_ARCH = "wav2vec2"
+CTC_ARCH = "wav2vec_ctc"
+FOREIGN_ARCHS = {
+    "wav2vec_seq2seq": "wav2vec 2.0 encoder with a Transformer decoder; repro implements the CTC head only",
+    "hubert": "HuBERT",
+    "hubert_ctc": "fine-tuned HuBERT",
+    "data2vec_audio": "data2vec (audio)",
+    "wav2vec2_laser": "wav2vec 2.0 LASER distillation",
+}
+
+
+def describe_arch(arch: str, model_section: dict[str, Any]) -> str:
+    """Human name of a non-wav2vec-2.0 architecture."""
+    if arch in ("wav2vec", "audio_cpc"):
+        vq_type = model_section.get("vq_type")
+        return f"vq-wav2vec, {vq_type} quantizer" if vq_type in ("gumbel", "kmeans") else "wav2vec v1"
+    if arch.startswith("transformer_lm") or arch.startswith("fconv_lm") or arch == "lstm_lm":
+        return "a language model"
+    if arch in FOREIGN_ARCHS:
+        return FOREIGN_ARCHS[arch]
+    if arch.startswith("transformer") or arch.startswith("bart") or arch.startswith("roberta"):
+        return "a text model"
+    return "unknown to repro"
+
+
+def check_architecture(stored: StoredConfig, path: Path | str) -> str:
+    """The kind ('wav2vec2' / 'wav2vec_ctc') or `NotWav2Vec2Error` saying what the file is."""
+    if stored.arch == PRETRAIN_ARCH:
+        return "wav2vec2"
+    if stored.arch == CTC_ARCH:
+        if stored.pretrain_model is None:
+            raise CheckpointError(
+                f"{path}: fine-tuned (wav2vec_ctc) checkpoint without w2v_args; the pretraining config it "
+                "needs is not stored in the file"
+            )
+        pretrain_arch = stored.pretrain_model.get("_name") or stored.pretrain_model.get("arch")
+        if pretrain_arch not in (None, PRETRAIN_ARCH):
+            raise NotWav2Vec2Error(
+                f"{path}: a CTC model on top of arch {pretrain_arch!r} "
+                f"({describe_arch(str(pretrain_arch), stored.pretrain_model)}), not on wav2vec 2.0"
+            )
+        return "wav2vec_ctc"
+    raise NotWav2Vec2Error(
+        f"{path}: arch {stored.arch!r} ({describe_arch(stored.arch, stored.model)}) is not a wav2vec 2.0 model; "
+        f"repro loads arch '{PRETRAIN_ARCH}' (pretrained) and '{CTC_ARCH}' (fine-tuned) checkpoints"
+    )
+
+
+# --- ModelConfig / task config ----------------------------------------------------------------------
+
+MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+TASK_FIELDS = {f.name for f in dataclasses.fields(TaskConfig)}
+# Stored fields that select code paths repro does not implement: field -> the only value we support.
+UNSUPPORTED_UNLESS = {
+    "layer_type": "transformer",
+    "pos_conv_depth": 1,
+    "quantize_input": False,
+    "target_glu": False,
+    "quantizer_depth": 1,
+    "negatives_from_everywhere": False,
+    "codebook_negatives": 0,
+}
+def _coerce(name: str, value: Any) -> Any:
+    """Argparse-era spellings -> our types: '(2,0.5,0.999995)' -> [2.0, 0.5, 0.999995], ..."""
+    if name == "latent_temp":
+        if isinstance(value, str):
+            value = ast.literal_eval(value)
+        return [float(v) for v in value]
+    if name == "conv_feature_layers" and not isinstance(value, str):
+        return repr([tuple(layer) for layer in value])
+    return value
+
+
+def _model_values(section: dict[str, Any], path: Path | str, what: str) -> dict[str, Any]:
+    """The ModelConfig fields present in a stored model section (unknown ones listed at debug level)."""
+    for name, supported in UNSUPPORTED_UNLESS.items():
+        if name in section and section[name] is not None and section[name] != supported:
+            raise CheckpointError(
+                f"{path}: {what} uses {name}={section[name]!r}, which repro does not implement "
+                f"(only {supported!r})"
+            )
+    values: dict[str, Any] = {}
+    unknown = []
+    for name, value in section.items():
+        if name not in MODEL_FIELDS or name == "_name":
+            unknown.append(name)
+            continue
+        if value is None and "None" not in str(MODEL_FIELDS[name].type):
+            log.debug("%s: %s %s is None; using the default", path, what, name)
+            continue
+        try:
+            values[name] = _coerce(name, value)
+        except (ValueError, SyntaxError, TypeError) as error:
+            raise CheckpointError(f"{path}: {what} field {name}={value!r} cannot be read: {error}") from None
+    if unknown:
+        log.debug("%s: %s fields not used by repro: %s", path, what, ", ".join(sorted(unknown)))
+    return values
+
+
+def _as_model_config(values: dict[str, Any], path: Path | str) -> ModelConfig:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), values)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except Exception as error:  # omegaconf ValidationError & co: a value of the wrong type
+        raise CheckpointError(f"{path}: stored model config does not fit repro's ModelConfig: {error}") from None
+
+
+def _task_normalize(task: dict[str, Any] | None) -> bool | None:
+    if task is None or task.get("normalize") is None:
+        return None
+    return bool(task["normalize"])
+
+
+def model_config_from_stored(stored: StoredConfig, kind: str, path: Path | str) -> ModelConfig:
+    """Our ModelConfig: missing (newer) fields take the dataclass defaults (§9.1, trap 18)."""
+    if kind == "wav2vec2":
+        values = _model_values(stored.model, path, "model config")
+        values["_name"] = "wav2vec2"
+        values["normalize"] = _task_normalize(stored.task)
+        return _as_model_config(values, path)
+    assert stored.pretrain_model is not None
+    values = _model_values(stored.pretrain_model, path, "w2v_args (pretraining) model config")
+    finetune = _model_values(stored.model, path, "fine-tuning model config")
+    # The fine-tuning settings replace the pretrained model's (fairseq's arg_overrides, §3.1); only
+    # those the file states: an argparse-era file lacks the fields added later.
+    for name in FINETUNE_OVERRIDES + CTC_FIELDS:
+        if name in finetune and name not in ("normalize", "w2v_path"):
+            values[name] = finetune[name]
+    # w2v_path is where the pretrained model lay on FAIR's machines (§9.1): meaningless here.
+    if "layerdrop" in finetune:
+        values["encoder_layerdrop"] = finetune["layerdrop"]
+    values["_name"] = "wav2vec_ctc"
+    normalize = _task_normalize(stored.task)
+    pretrain_normalize = _task_normalize(stored.pretrain_task)
+    if normalize is None:
+        normalize = pretrain_normalize
+    elif pretrain_normalize is not None and pretrain_normalize != normalize:
+        # fairseq asserts these agree; the fine-tuning data pipeline is what the weights expect.
+        log.warning("%s: fine-tuning normalize=%s differs from pretraining normalize=%s; using %s",
+                    path, normalize, pretrain_normalize, normalize)
+    values["normalize"] = normalize
+    return _as_model_config(values, path)
+
+
+def task_config_from_stored(stored: StoredConfig) -> dict[str, Any]:
+    """TaskConfig fields as a plain dict (defaults for what the file lacks)."""
+    task = {name: value for name, value in stored.task.items() if name in TASK_FIELDS}
+    name = task.get("_name")
+    # checkpoint_utils upgrades (§9.3); an argparse-era 'audio_pretraining' with labels was fine-tuning.
+    if name == "speech_pretraining":
+        name = "audio_pretraining"
+    if name == "audio_pretraining" and task.get("labels"):
+        name = "audio_finetuning"
+    task["_name"] = name or ("audio_finetuning" if stored.arch == CTC_ARCH else "audio_pretraining")
+    result = {f.name: f.default for f in dataclasses.fields(TaskConfig)
+              if f.default is not dataclasses.MISSING}
+    result["data"] = None
+    result.update(task)
+    if result["data"] == "???":
+        result["data"] = None
+    return result
+
+
+def dictionary_from_task_state(raw: dict[str, Any], path: Path | str) -> Any:
+    """Our Dictionary from a pickled fairseq Dictionary under `task_state`, or None (§9.1)."""
+    task_state = raw.get("task_state")
+    if not isinstance(task_state, dict):
+        return None
+    candidates = [task_state.get("target_dictionary")] + list(task_state.values())
+    for candidate in candidates:
+        if isinstance(candidate, FairseqDictionary):
+            return candidate.to_dictionary(path)
+    return None
+
+
+# =================================================================================================
+# State dict and model
+# =================================================================================================
+
+CTC_ENCODER_PREFIX = "w2v_encoder.w2v_model."
+CTC_PROJ_WEIGHT = "w2v_encoder.proj.weight"
+# Keys of the pretraining model that a fine-tuned model does not have (fairseq drops them, §3.1).
+CTC_DROPPED_MODULES = ("quantizer", "project_q", "final_proj", "target_glu", "_ema", "target_proj", "decoder")
+WEIGHT_NORM_RENAMES = {"weight_g": "parametrizations.weight.original0",
+                       "weight_v": "parametrizations.weight.original1"}
+
+
+def fp32_state(state: Any, path: Path | str) -> dict[str, torch.Tensor]:
+    """The stored state dict with half / bfloat16 tensors cast to float32."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: entry 'model' is not a state dict of tensors")
+    return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+
+
+def drop_pretraining_keys(state: dict[str, torch.Tensor], path: Path | str) -> dict[str, torch.Tensor]:
+    kept, dropped = {}, []
+    for key, value in state.items():
+        module = key[len(CTC_ENCODER_PREFIX):].split(".", 1)[0] if key.startswith(CTC_ENCODER_PREFIX) else ""
+        if module in CTC_DROPPED_MODULES or module.startswith("_ema"):
+            dropped.append(key)
+        else:
+            kept[key] = value
+    if dropped:
+        log.debug("%s: dropped %d pretraining-only keys (%s, ...)", path, len(dropped), dropped[0])
+    return kept
+
+
+def _match_weight_norm_names(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """fairseq's `pos_conv.0.weight_g/weight_v` vs newer torch's `parametrizations.weight.original0/1`."""
+    renamed = {}
+    for key, value in state.items():
+        if key not in expected:
+            for old, new in list(WEIGHT_NORM_RENAMES.items()) + [(n, o) for o, n in WEIGHT_NORM_RENAMES.items()]:
+                if key.endswith("." + old) and key[: -len(old)] + new in expected:
+                    key = key[: -len(old)] + new
+                    break
+        renamed[key] = value
+    return renamed
+
+
+def build_model(kind: str, model_cfg: ModelConfig, state: dict[str, torch.Tensor], path: Path | str
+                ) -> tuple[torch.nn.Module, int | None]:
+    """Instantiate our model for `kind` and load `state` strictly; returns (model, vocab size or None)."""
+    if kind == "wav2vec2":
+        from repro.models.wav2vec2 import Wav2Vec2Model
+
+        model: torch.nn.Module = Wav2Vec2Model(model_cfg)
+        vocab_size = None
+    else:
+        from repro.models.ctc import Wav2Vec2CTC
+
+        if CTC_PROJ_WEIGHT not in state:
+            raise CheckpointError(f"{path}: fine-tuned checkpoint without {CTC_PROJ_WEIGHT!r}")
+        vocab_size = int(state[CTC_PROJ_WEIGHT].shape[0])
+        model = Wav2Vec2CTC(model_cfg, vocab_size)
+    expected = model.state_dict()
+    state = _match_weight_norm_names(state, set(expected))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
+                   if key in state and state[key].shape != value.shape]
+    if missing or unexpected or wrong_shape:
+        def listing(items: list[str]) -> str:
+            return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
+
+        problems = [f"{label}: {listing(items)}" for label, items in
+                    (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", wrong_shape))
+                    if items]
+        raise CheckpointError(f"{path}: state dict does not match a {kind} model built from its config; "
+                              + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, vocab_size
+
+
+def _load_repro(obj: dict[str, Any], path: Path) -> LoadedModel:
+    from repro.data.dictionary import SPECIAL_SYMBOLS, Dictionary
+
+    check_repro_checkpoint(obj, path)
+    unknown = sorted(set(obj["model_cfg"]) - set(MODEL_FIELDS))
+    if unknown:
+        raise CheckpointError(f"{path}: model_cfg has fields unknown to this repro version: {', '.join(unknown)}")
+    model_cfg = _as_model_config(dict(obj["model_cfg"]), path)
+    kind = obj["kind"]
+    model, vocab_size = build_model(kind, model_cfg, fp32_state(obj["model"], path), path)
+    dictionary = None
+    if obj.get("dictionary") is not None:
+        symbols = list(obj["dictionary"])
+        if tuple(symbols[:4]) == SPECIAL_SYMBOLS:
+            symbols = symbols[4:]
+        dictionary = Dictionary.from_symbols(symbols)
+        _check_vocab(dictionary, vocab_size, path)
+    return LoadedModel(model=model, model_cfg=model_cfg, task_cfg=dict(obj["task_cfg"]),
+                       dictionary=dictionary, kind=kind)
+
+
+def _check_vocab(dictionary: Any, vocab_size: int | None, path: Path | str) -> None:
+    if dictionary is not None and vocab_size is not None and len(dictionary) != vocab_size:
+        raise CheckpointError(
+            f"{path}: the stored dictionary has {len(dictionary)} symbols but the CTC head has {vocab_size} outputs"
+        )
+
+
+def describe_foreign_dict(raw: dict[str, Any]) -> str:
+    """What a torch file that is neither fairseq's nor ours seems to hold."""
+    keys = [str(k) for k in raw]
+    if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        if any(k.startswith("wav2vec2.") for k in keys):
+            return "a bare state dict with Hugging Face transformers key names (use the HF converter's input instead)"
+        return f"a bare state dict of {len(keys)} tensors with no model configuration"
+    return "a dict with top-level keys " + ", ".join(sorted(keys)[:8])
+
+
+def load(path: str | Path) -> LoadedModel:
+    """Load a wav2vec 2.0 checkpoint: fairseq's (any era, pretrained or CTC) or ours."""
+    path = Path(path)
+    raw = safe_load(path)
+    if "format" in raw:
+        if raw["format"] != FORMAT:
+            raise CheckpointError(f"{path}: format {raw['format']!r} is not {FORMAT!r}")
+        return _load_repro(raw, path)
+    if "model" not in raw or (raw.get("args") is None and raw.get("cfg") is None):
+        raise NotWav2Vec2Error(f"{path}: not a fairseq or repro checkpoint: {describe_foreign_dict(raw)}")
+    stored = stored_config(raw, path)
+    kind = check_architecture(stored, path)
+    model_cfg = model_config_from_stored(stored, kind, path)
+    task_cfg = task_config_from_stored(stored)
+    state = fp32_state(raw["model"], path)
+    if kind == "wav2vec_ctc":
+        state = drop_pretraining_keys(state, path)
+    model, vocab_size = build_model(kind, model_cfg, state, path)
+    dictionary = dictionary_from_task_state(raw, path) if kind == "wav2vec_ctc" else None
+    _check_vocab(dictionary, vocab_size, path)
+    log.info("%s: loaded fairseq %s checkpoint (%s era)%s", path, kind, stored.era,
+             "" if dictionary is None else f" with a {len(dictionary)}-symbol dictionary")
+    return LoadedModel(model=model, model_cfg=model_cfg, task_cfg=task_cfg, dictionary=dictionary, kind=kind)

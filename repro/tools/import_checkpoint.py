@@ -1,0 +1,76 @@
+"""`python -m repro.tools import-checkpoint IN.pt --out DIR`: a fairseq checkpoint in our format.
+
+Reads IN.pt through the restricted unpickler (repro.checkpoints.fairseq, nothing in the file runs),
+and writes
+* `DIR/checkpoint.pt`: our model file (format.py; `torch.load(weights_only=True)` reads it),
+* `DIR/config.yaml`: the model and task configuration it was built with,
+* `DIR/dict.ltr.txt`: the target dictionary, when the file carries one (newer fine-tuned files) or
+  `--dict` names one (the released CTC files do not store theirs, §9.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from repro.checkpoints.fairseq import load
+from repro.checkpoints.format import CheckpointError, atomic_save, model_file
+from repro.data.dictionary import Dictionary, DictionaryError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CONFIG_NAME = "config.yaml"
+DICTIONARY_NAME = "dict.ltr.txt"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="fairseq checkpoint (.pt), any era; or one of ours")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--dict", type=Path, default=None,
+                        help="dict.ltr.txt to store with a CTC model whose file lacks its dictionary")
+
+
+def import_checkpoint(source: Path, out_dir: Path, dictionary_path: Path | None = None) -> Path:
+    """Convert `source`; returns the path of the written checkpoint."""
+    loaded = load(source)
+    dictionary = loaded.dictionary
+    if dictionary_path is not None:
+        try:
+            given = Dictionary.load(dictionary_path)
+        except DictionaryError as error:
+            raise CheckpointError(str(error)) from None
+        if dictionary is not None and given.symbols != dictionary.symbols:
+            raise CheckpointError(f"{dictionary_path}: differs from the dictionary stored in {source}")
+        dictionary = given
+    if dictionary is not None and loaded.kind == "wav2vec_ctc":
+        outputs = loaded.model.w2v_encoder.proj.out_features
+        if len(dictionary) != outputs:
+            raise CheckpointError(
+                f"{dictionary_path or source}: dictionary has {len(dictionary)} symbols, the CTC head {outputs}"
+            )
+    model_cfg = dataclasses.asdict(loaded.model_cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    atomic_save(
+        model_file(kind=loaded.kind, model_state=loaded.model.state_dict(), model_cfg=model_cfg,
+                   task_cfg=loaded.task_cfg, dictionary=None if dictionary is None else list(dictionary.symbols)),
+        checkpoint_path,
+    )
+    config = {"source": str(source), "kind": loaded.kind, "model": model_cfg, "task": loaded.task_cfg}
+    (out_dir / CONFIG_NAME).write_text(OmegaConf.to_yaml(OmegaConf.create(config)), encoding="utf-8")
+    if dictionary is not None:
+        dictionary.save(out_dir / DICTIONARY_NAME)
+    return checkpoint_path
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        path = import_checkpoint(args.checkpoint, args.out, args.dict)
+    except CheckpointError as error:
+        print(f"import-checkpoint: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
