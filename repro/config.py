@@ -54,6 +54,8 @@ class CommonEvalConfig:
     """How label units become words: 'letter' removes spaces and turns '|' into word boundaries."""
     results_path: str | None = None
     """Directory for hypo/ref files; None = `<run dir>/results`."""
+    emissions_cache: str | None = None
+    """Directory of cached CTC emissions (keyed by checkpoint hash); None = `<run dir>/eval/emissions`."""
 
 
 @dataclass
