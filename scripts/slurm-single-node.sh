@@ -4,7 +4,8 @@
 #   scripts/slurm-single-node.sh stop   stop the daemons
 # Container notes (no systemd, no cgroups): munged runs as the munge user with /run/munge
 # created by hand; proctrack/linuxproc + task/none; RealMemory below the real amount or the
-# node goes INVAL; JobRequeue=1 so `scontrol requeue` works.
+# node goes INVAL; JobRequeue=1 so `scontrol requeue` works; KillWait=5 (SIGTERM -> SIGKILL grace)
+# keeps the requeue tests short (a test model saves its checkpoint in well under a second).
 set -euo pipefail
 PARTITION=${SLURM_TEST_PARTITION:-debug}
 HOST=$(hostname -s)
@@ -67,7 +68,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 JobRequeue=1
-KillWait=10
+KillWait=5
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$memory_mb
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF

@@ -1,0 +1,151 @@
+"""What a launch will look like: world size, update_freq, effective batch and compute (pure functions).
+
+The paper's effective batch is kept on any cluster (fairseq README: "simulate N GPUs with
+distributed_world_size=k and update_freq=N/k"): `nodes x gpus_per_node` processes train together,
+and update_freq is multiplied by `paper_world_size / world_size`. The multiplication itself is
+`repro.train.distributed.effective_update_freq`, the very function the trainer applies at run
+time, so the plan printed here and the run cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from repro.train.distributed import effective_update_freq
+
+
+def world_size(nodes: int, gpus_per_node: int) -> int:
+    """Processes of a job: one per GPU; a CPU-only allocation (gpus_per_node 0) runs one per node."""
+    if nodes < 1 or gpus_per_node < 0:
+        raise ValueError(f"cluster.nodes must be >= 1 and cluster.gpus_per_node >= 0 (got {nodes}, {gpus_per_node})")
+    return nodes * max(gpus_per_node, 1)
+
+
+def derive_update_freq(paper_world_size: int | None, processes: int, update_freq: int) -> int:
+    """update_freq that keeps the paper's effective batch on `processes` GPUs (64 paper GPUs on 8 -> x8).
+
+    Raises ValueError when the paper's GPU count is not a multiple of ours: the batch could then not be
+    kept exactly (pick a world size that divides it, e.g. cluster.nodes).
+    """
+    return effective_update_freq(paper_world_size, processes, update_freq)
+
+
+def effective_batch_samples(max_tokens: int, processes: int, update_freq: int) -> int:
+    """Upper bound of audio samples per update: max_tokens per process x processes x update_freq."""
+    return max_tokens * processes * update_freq
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything the dry run prints and the launcher uses, derived from one composed config."""
+
+    cluster: str
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    world_size: int
+    paper_world_size: int | None
+    configured_update_freq: int
+    update_freq: int
+    max_tokens: int | None
+    sample_rate: int
+    batch_samples: int | None
+    paper_gpus: int | None
+    paper_gpu_type: str | None
+    paper_hours: float | None
+    gpu_type: str | None
+    timeout_min: int
+    max_num_timeout: int
+
+    @property
+    def batch_seconds(self) -> float | None:
+        """Seconds of audio in one update (upper bound, from max_tokens)."""
+        return None if self.batch_samples is None else self.batch_samples / self.sample_rate
+
+    @property
+    def paper_gpu_hours(self) -> float | None:
+        """GPU-hours of the original run (paper.gpus x paper.hours)."""
+        if self.paper_gpus is None or self.paper_hours is None:
+            return None
+        return self.paper_gpus * self.paper_hours
+
+    @property
+    def estimated_hours(self) -> float | None:
+        """Wall-clock hours here if each of our GPUs were as fast as one of the paper's."""
+        gpu_hours = self.paper_gpu_hours
+        return None if gpu_hours is None else gpu_hours / self.world_size
+
+    @property
+    def estimated_jobs(self) -> int | None:
+        """SLURM runs needed at timeout_min each (the job checkpoints and requeues between them)."""
+        hours = self.estimated_hours
+        if hours is None or self.timeout_min <= 0:
+            return None
+        return max(1, math.ceil(hours * 60 / self.timeout_min))
+
+
+def plan_launch(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> LaunchPlan:
+    """Derive the plan of `cfg` (the whole composed ReproConfig) on its `cluster`.
+
+    On SLURM the allocation decides the world size; locally it is torchrun's WORLD_SIZE (or 1).
+    """
+    env = os.environ if environ is None else environ
+    cluster = cfg.cluster
+    if cluster.name == "slurm":
+        nodes, gpus_per_node = int(cluster.nodes), int(cluster.gpus_per_node)
+        processes = world_size(nodes, gpus_per_node)
+        tasks_per_node = processes // nodes
+    else:
+        processes = int(env.get("WORLD_SIZE", "1"))
+        nodes, gpus_per_node, tasks_per_node = 1, 0, processes
+    paper_world_size = cfg.distributed_training.get("paper_world_size")
+    configured = int(cfg.optimization.update_freq[0])
+    update_freq = derive_update_freq(paper_world_size, processes, configured)
+    max_tokens = cfg.dataset.get("max_tokens")
+    paper = cfg.paper
+    return LaunchPlan(
+        cluster=str(cluster.name),
+        nodes=nodes,
+        tasks_per_node=tasks_per_node,
+        gpus_per_node=gpus_per_node,
+        world_size=processes,
+        paper_world_size=None if paper_world_size is None else int(paper_world_size),
+        configured_update_freq=configured,
+        update_freq=update_freq,
+        max_tokens=None if max_tokens is None else int(max_tokens),
+        sample_rate=int(cfg.task.sample_rate),
+        batch_samples=None if max_tokens is None else effective_batch_samples(int(max_tokens), processes, update_freq),
+        paper_gpus=None if paper.gpus is None else int(paper.gpus),
+        paper_gpu_type=paper.gpu_type,
+        paper_hours=None if paper.hours is None else float(paper.hours),
+        gpu_type=cluster.get("gpu_type"),
+        timeout_min=int(cluster.timeout_min),
+        max_num_timeout=int(cluster.max_num_timeout),
+    )
+
+
+def executor_parameters(cfg: DictConfig, plan: LaunchPlan) -> dict[str, object]:
+    """`submitit.AutoExecutor.update_parameters` keywords for the plan: one task per GPU."""
+    cluster = cfg.cluster
+    params: dict[str, object] = {
+        "name": str(cfg.experiment),
+        "timeout_min": plan.timeout_min,
+        "nodes": plan.nodes,
+        "tasks_per_node": plan.tasks_per_node,
+        "cpus_per_task": int(cluster.cpus_per_task),
+        # Time to save a checkpoint between the time-limit signal and the kill (submitit's default is 90).
+        "slurm_signal_delay_s": 120,
+    }
+    if plan.gpus_per_node > 0:
+        params["gpus_per_node"] = plan.gpus_per_node
+    if cluster.mem_gb is not None:
+        params["mem_gb"] = int(cluster.mem_gb)
+    for key in ("partition", "account", "qos", "constraint"):
+        if cluster.get(key) is not None:
+            params[f"slurm_{key}"] = str(cluster[key])
+    return params
