@@ -7,10 +7,8 @@ module that owns the work; a stage whose module does not exist yet says so and e
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -18,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from repro.config import STAGES, register_configs
+from repro.track.status import RunStatus
 
 log = logging.getLogger("repro")
 
@@ -34,6 +33,10 @@ STAGE_IMPLEMENTATIONS: dict[str, tuple[str, str, str]] = {
     "tokenize": ("repro.models.featurize", "run_tokenize", "the wav2vec v1 / vq-wav2vec issue"),
     "demo": ("repro.tools.demo", "run_demo", "issue 10 (the main job)"),
 }
+
+
+# Exit status of a trainer that checkpointed on a preemption request (EX_TEMPFAIL: try again).
+PREEMPTED_EXIT_CODE = 75
 
 
 class StageNotBuilt(RuntimeError):
@@ -114,10 +117,15 @@ def run(cfg: DictConfig) -> int:
             status.write("running", current_stage=stage)
             implementation(cfg, run_dir, tracker)
         outcome = "finished"
+    except SystemExit as stop:
+        # the trainer saved and stopped because the job is being preempted (repro.launch.preemption)
+        if stop.code == PREEMPTED_EXIT_CODE:
+            outcome = "preempted"
+        raise
     finally:
         status.write(outcome)
         if tracker is not None:
-            tracker.finish("FINISHED" if outcome == "finished" else "FAILED")
+            tracker.finish({"finished": "FINISHED", "preempted": "KILLED"}.get(outcome, "FAILED"))
     return 0
 
 
@@ -128,24 +136,6 @@ def _visible_gpus(cfg: DictConfig) -> int:
     if cfg.common.cpu or not torch.cuda.is_available():
         return 0
     return int(cfg.distributed_training.distributed_world_size)
-
-
-class RunStatus:
-    """`<run_dir>/status.json`: state, stage, devices and wall time accumulated over restarts."""
-
-    def __init__(self, run_dir: Path, name: str, stage: str, gpus: int):
-        self.path = run_dir / "status.json"
-        previous = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.earlier_seconds = float(previous.get("wall_seconds", 0.0))  # a resumed run adds to it
-        self.started = time.time()
-        self.fields = {"name": name, "stage": stage, "gpus": gpus}
-
-    def write(self, status: str, **extra) -> None:
-        wall = self.earlier_seconds + time.time() - self.started
-        record = {**self.fields, **extra, "status": status, "wall_seconds": round(wall, 3), "updated": time.time()}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(self.path)
 
 
 register_configs()

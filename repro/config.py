@@ -439,6 +439,30 @@ class PaperConfig:
 
 
 @dataclass
+class DemoConfig:
+    """The miniature end-to-end reproduction of `make demo` (stage `demo`)."""
+
+    corpus_dir: str = "data/synthetic"
+    """Where the synthetic corpus is written (reused when it already exists with the same size/seed)."""
+    corpus_hours: float = 1.0
+    """Total hours of synthetic speech over all splits."""
+    corpus_seed: int = 0
+    """Seed of the synthetic corpus (same seed, same bytes)."""
+    pretrain_updates: int = 600
+    """Pretraining updates of the tiny model."""
+    finetune_updates: int = 400
+    """Fine-tuning updates per labeled split."""
+    splits: list[str] = field(default_factory=lambda: ["10m", "1h", "10h"])
+    """Labeled splits fine-tuned (Libri-light analogues)."""
+    from_scratch: bool = True
+    """Also fine-tune each split from a randomly initialised encoder (what pretraining buys)."""
+    decodings: list[str] = field(default_factory=lambda: ["viterbi", "kenlm_4gram"])
+    """Decoding setups evaluated on every dev/test split."""
+    report_dir: str = "reports/demo"
+    """Where the report is written."""
+
+
+@dataclass
 class ReproConfig:
     """The whole composed configuration of one run."""
 
@@ -467,6 +491,7 @@ class ReproConfig:
     decodings: dict[str, Any] = field(default_factory=dict)
     """Named decoding setups (overrides of `decode`) evaluated by stage=evaluate."""
     paper: PaperConfig = field(default_factory=PaperConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 def register_configs() -> None:
