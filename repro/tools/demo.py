@@ -166,7 +166,7 @@ def _summary(records, written: dict[str, Path], run_dir: Path, seconds: float) -
         f"report:     {written['html'].resolve()}  (also {written['markdown'].name}, .tex, .csv beside it)",
         f"runs:       {run_dir.resolve()}",
         f"MLflow:     mlflow ui --backend-store-uri sqlite:///{runs_root / 'mlflow.db'}",
-        f"W&B:        offline files under {runs_root}/wandb (wandb sync to upload)",
+        f"W&B:        offline runs in {run_dir.resolve()}/*/wandb (upload: wandb sync <dir>/wandb/offline-run-*)",
         "=" * 72,
     ]
     return "\n".join(lines) + "\n"

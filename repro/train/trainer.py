@@ -44,6 +44,11 @@ from repro.train.distributed import (
 )
 from repro.train.optim import build_lr_scheduler, build_optimizer
 
+# Contract with repro.launch.preemption (which this layer may not import): the request file
+# the launcher writes on SIGTERM/SIGUSR1/2, and the exit status meaning "saved, requeue me".
+STOP_REQUEST_FILE = "STOP_REQUESTED"
+EXIT_STOPPED = 75
+
 log = logging.getLogger(__name__)
 
 LN2 = math.log(2)
@@ -685,6 +690,7 @@ class Trainer:
                     if self._done():
                         break
                     self._validate_and_save(interval=interval, force_validation=False)
+                    self._stop_if_requested()
                 if self._done():
                     epoch_batches.close()
                     break
@@ -695,6 +701,18 @@ class Trainer:
         finally:
             self.progress.close()
         return last_valid
+
+    def _stop_if_requested(self) -> None:
+        """Save checkpoint_last and exit when the job is being preempted.
+
+        The SLURM launcher (repro.launch.preemption) turns the warning signal into the file
+        `<run_dir>/STOP_REQUESTED`; every rank agrees on it so all stop after the same update.
+        """
+        requested = self.run_dir is not None and (self.run_dir / STOP_REQUEST_FILE).exists()
+        if all_reduce_sum([float(requested)], self.context)[0] > 0:
+            self.save_checkpoint(interval=False, best=False)
+            log.warning("stop requested: saved checkpoint_last at update %d; exiting to be requeued", self.num_updates)
+            sys.exit(EXIT_STOPPED)
 
     def _final_validation_and_save(self, interval: bool) -> dict[str, float] | None:
         metrics = None

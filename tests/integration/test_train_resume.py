@@ -143,3 +143,22 @@ def test_finetuning_resumes_exactly_after_sigkill(corpus, pretrained, tmp_path):
     best = torch.load(run_dir / "checkpoints" / "checkpoint_best.pt", weights_only=True)
     assert best["kind"] == "wav2vec_ctc" and best["dictionary"][:5] == ["<s>", "<pad>", "</s>", "<unk>", "|"]
     assert best["train_state"]["best_metric"] == min(r["wer"] for r in valid)
+
+
+def test_stop_request_saves_at_the_current_update_and_resumes_exactly(corpus, pretrained, tmp_path):
+    """A preempted SLURM job (repro.launch.preemption) asks the trainer to save and stop: it must save
+    checkpoint_last at the update it reached (not the last interval) and exit with status 75."""
+    run_dir = tmp_path / "pretrain"
+    args = ["pretrain", str(corpus), str(run_dir), "dataset.num_workers=1"]
+    process = start(args, run_dir)
+    deadline = time.time() + 240
+    while not [r for r in records(run_dir) if r["split"] == "train"]:
+        assert process.poll() is None and time.time() < deadline, (run_dir / "driver.log").read_text()[-3000:]
+        time.sleep(0.01)
+    (run_dir / "STOP_REQUESTED").write_text("SIGUSR2 (test)\n")
+    assert process.wait(timeout=240) == 75, (run_dir / "driver.log").read_text()[-3000:]
+    stopped_at = max(r["step"] for r in records(run_dir) if r["split"] == "train")
+    assert last_checkpoint_update(run_dir) == stopped_at < 6
+    (run_dir / "STOP_REQUESTED").unlink()  # the requeued job clears it
+    finish(start(args, run_dir), run_dir)
+    assert assert_same_curves(pretrained, run_dir, max_update=6) == 0  # nothing recomputed

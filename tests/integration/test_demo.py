@@ -1,0 +1,103 @@
+"""End to end: a reduced `make demo` (tiny corpus, few updates) through the real parts.
+
+corpus -> manifests/labels -> pretraining -> fine-tuning (pretrained and from scratch) -> Viterbi
+and 4-gram evaluation -> MLflow (embedded) and W&B (offline) -> report. Checks that every stage
+left its artifacts, that the report holds the demo rows with numbers, and that the HTML parses
+with its plots embedded. Then re-runs the same command: everything is reused, nothing retrained.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs).get("src", ""))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo")
+    command = [
+        sys.executable, "-m", "repro", "experiment=demo",
+        f"demo.corpus_dir={work / 'corpus'}", "demo.corpus_hours=0.1",
+        "demo.pretrain_updates=30", "demo.finetune_updates=30", "demo.splits=[10m,1h]",
+        f"demo.report_dir={work / 'reports'}", f"hydra.run.dir={work / 'runs' / 'demo'}",
+        "tracker=both",
+    ]
+    env = {"WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(work)}
+    first = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=900, env=env)
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=900, env=env)
+    assert second.returncode == 0, second.stderr[-4000:]
+    return work, first, second
+
+
+def test_every_stage_left_its_artifacts(demo_run):
+    work, first, _ = demo_run
+    corpus = work / "corpus"
+    assert (corpus / "corpus.json").exists() and (corpus / "lm" / "4-gram.bin").stat().st_size > 0
+    assert (corpus / "manifests" / "pretrain" / "train.tsv").exists()
+    for split in ("train_10m", "train_1h", "dev_clean", "dev_other", "test_clean", "test_other"):
+        assert (corpus / "manifests" / "finetune" / f"{split}.ltr").exists(), split
+    runs = work / "runs" / "demo"
+    expected = ["pretrain"] + [f"finetune_{s}_{v}" for s in ("10m", "1h") for v in ("pretrained", "scratch")]
+    for name in expected:
+        run = runs / name
+        assert json.loads((run / "status.json").read_text())["status"] == "finished", name
+        assert (run / "checkpoints" / "checkpoint_last.pt").exists(), name
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps and max(steps) == 30, name
+    results = json.loads((runs / "finetune_1h_pretrained" / "eval" / "results.json").read_text())
+    assert set(results["results"]) >= {"dev_clean", "dev_other", "test_clean", "test_other"}
+    assert set(results["results"]["dev_other"]) == {"viterbi", "kenlm_4gram"}
+    assert (work / "runs" / "mlflow.db").exists()
+    assert len(list(runs.glob("*/wandb/offline-run-*/run-*.wandb"))) == len(expected)
+    assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
+
+
+def test_report_holds_demo_rows_with_numbers_and_embedded_plots(demo_run):
+    work, _, _ = demo_run
+    markdown = (work / "reports" / "results.md").read_text()
+    synthetic = markdown.split("## Synthetic corpus")[1].split("## Compute")[0]
+    rows = [line for line in synthetic.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 2 * 2 * 2  # splits x (pretrained, scratch) x (viterbi, 4-gram)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(_is_number(c) for c in cells[4:8]), row
+    page = _Page()
+    page.feed((work / "reports" / "report.html").read_text())
+    assert len(page.images) >= 3
+    assert all(src.startswith("data:image/png;base64,") for src in page.images)
+    assert "Synthetic corpus" in "".join(page.text)
+
+
+def test_rerun_resumes_instead_of_retraining(demo_run):
+    _, _, second = demo_run
+    assert second.stderr.count("already finished") == 5
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
