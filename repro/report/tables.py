@@ -104,8 +104,8 @@ def build_tables(records: list[RunRecord], paper_rows: dict[str, PaperRow]) -> l
 
     synthetic_rows: list[TableRow] = []
     for record in records:
-        if not record.synthetic:
-            continue
+        if not record.synthetic or (not record.results and "finetune" not in record.stage):
+            continue  # pretraining runs have curves, not table rows
         decodings = record.results or {"viterbi": {}}
         for decoding, results in decodings.items():
             synthetic_rows.append(
