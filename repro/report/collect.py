@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from repro.track.jsonl import iter_metric_records
+
 log = logging.getLogger(__name__)
 
 # Decoding setup name -> the `lm` column of paper_results.csv it reproduces.
@@ -55,21 +57,6 @@ class RunRecord:
         if self.wall_seconds is None or self.gpus == 0:
             return None
         return self.wall_seconds * self.gpus / 3600.0
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    with path.open() as handle:
-        for line_number, line in enumerate(handle, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                # a run killed mid-write leaves a partial last line; anything else is worth a warning
-                log.warning("%s:%d: unreadable metrics line skipped", path, line_number)
-    return records
 
 
 def _split_metrics(lines: list[dict[str, Any]]):
@@ -112,7 +99,7 @@ def record_from_run_dir(run_dir: Path) -> RunRecord | None:
     status_path = run_dir / "status.json"
     status = json.loads(status_path.read_text()) if status_path.exists() else {}
     metrics_path = run_dir / "metrics.jsonl"
-    results, curves = _split_metrics(_read_jsonl(metrics_path)) if metrics_path.exists() else ({}, {})
+    results, curves = _split_metrics(list(iter_metric_records(metrics_path))) if metrics_path.exists() else ({}, {})
     label = _label_from_config(config)
     return RunRecord(
         name=str(status.get("name") or config.get("experiment", run_dir.name)),
