@@ -84,38 +84,39 @@ def _build_tracker(cfg: DictConfig, run_dir: Path):
     return build_tracker(cfg, run_dir)
 
 
-def run(cfg: DictConfig) -> int:
-    """Run the configured stages in order; return a process exit code."""
+def run(cfg: DictConfig) -> tuple[int, object]:
+    """Run the configured stages in order; return (process exit code, the last stage's result)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
     stages = [cfg.stage] if cfg.stage else list(cfg.stages)
     try:
         implementations = [(stage, resolve_stage(stage)) for stage in stages]
     except (StageNotBuilt, ValueError) as error:
         print(f"repro: {error}", file=sys.stderr)
-        return 2
+        return 2, None
 
     if cfg.dry_run or cfg.cluster.name == "slurm":
         try:
             from repro.launch import slurm
         except ImportError:
             print("repro: cluster launch is not built yet (tracked in issue 9)", file=sys.stderr)
-            return 2
+            return 2, None
         if cfg.dry_run:
             print(slurm.describe_plan(cfg))
-            return 0
+            return 0, None
         if not slurm.inside_slurm_job():
-            return slurm.submit(cfg, run_dir)
+            return slurm.submit(cfg, run_dir), None
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     status = RunStatus(run_dir, name=cfg.experiment, stage=",".join(stages), gpus=_visible_gpus(cfg))
     tracker = _build_tracker(cfg, run_dir)
     outcome = "failed"
+    result = None
     try:
         for stage, implementation in implementations:
             log.info("stage %s -> %s", stage, run_dir)
             status.write("running", current_stage=stage)
-            implementation(cfg, run_dir, tracker)
+            result = implementation(cfg, run_dir, tracker)
         outcome = "finished"
     except SystemExit as stop:
         # the trainer saved and stopped because the job is being preempted (repro.launch.preemption)
@@ -126,7 +127,17 @@ def run(cfg: DictConfig) -> int:
         status.write(outcome)
         if tracker is not None:
             tracker.finish({"finished": "FINISHED", "preempted": "KILLED"}.get(outcome, "FAILED"))
-    return 0
+    return 0, result
+
+
+def objective_value(path: str, result) -> float:
+    """For Bayesian sweeps: `path` ('dev_other/lm_sweep/wer') looked up in the last stage's result."""
+    node = result
+    for key in path.split("/"):
+        if not isinstance(node, dict) or key not in node:
+            raise KeyError(f"sweep_objective {path!r}: {key!r} is not in the stage result")
+        node = node[key]
+    return float(node)
 
 
 def _visible_gpus(cfg: DictConfig) -> int:
@@ -142,10 +153,12 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
-    code = run(cfg)
+def _hydra_main(cfg: DictConfig) -> float | None:
+    code, result = run(cfg)
     if code:
         sys.exit(code)
+    # a Bayesian sweeper (Optuna) minimises what the task function returns
+    return objective_value(cfg.sweep_objective, result) if cfg.sweep_objective else None
 
 
 def main() -> None:

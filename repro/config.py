@@ -474,6 +474,8 @@ class ReproConfig:
     """Default stage list: pretrain, finetune, evaluate, pseudo_label, featurize, tokenize, demo."""
     dry_run: bool = False
     """Print what would run (sbatch parameters, world size, update_freq, config) and exit."""
+    sweep_objective: str | None = None
+    """For Bayesian sweeps: the value to minimise in the last stage's result, e.g. 'dev_other/lm_sweep/wer'."""
     common: CommonConfig = field(default_factory=CommonConfig)
     common_eval: CommonEvalConfig = field(default_factory=CommonEvalConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

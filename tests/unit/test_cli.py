@@ -79,3 +79,26 @@ def test_tools_dispatcher_rejects_unknown_tools(capsys):
     assert "unknown tool 'no-such-tool'" in capsys.readouterr().err
     assert tools_main(["--help"]) == 0
     assert "manifest" in capsys.readouterr().out
+
+
+def test_sweep_objective_is_looked_up_in_the_stage_result():
+    from repro.cli import objective_value
+
+    result = {"dev_other": {"lm_sweep": {"wer": 12.5, "uer": 4.0}}}
+    assert objective_value("dev_other/lm_sweep/wer", result) == 12.5
+    with pytest.raises(KeyError, match="dev_clean"):
+        objective_value("dev_clean/lm_sweep/wer", result)
+
+
+def test_bayesian_decoding_sweep_composes_with_the_optuna_sweeper(tmp_path):
+    arguments = ["--config-dir", str(REPO / "sweeps"), "--config-name", "decode_lm_weight_optuna",
+                 "experiment=base_100h", "decode.lm_model=/lm/4-gram.bin", "decode.lexicon=/lm/lex.txt"]
+    hydra_cfg = run_repro(*arguments, "--cfg", "hydra", cwd=tmp_path)
+    assert hydra_cfg.returncode == 0, hydra_cfg.stderr
+    sweeper = OmegaConf.create(hydra_cfg.stdout).hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper")
+    assert set(sweeper.params) == {"decode.lm_weight", "decode.word_score", "decode.sil_weight"}
+    job = run_repro(*arguments, "--cfg", "job", cwd=tmp_path)
+    assert job.returncode == 0, job.stderr
+    cfg = OmegaConf.create(job.stdout)
+    assert cfg.sweep_objective == "dev_other/lm_sweep/wer" and cfg.stage == "evaluate"
