@@ -42,6 +42,15 @@ FAIRSEQ_GLOBAL_PREFIXES = ("argparse.", "omegaconf.", "fairseq.", "numpy.", "typ
 WEIGHTS_ONLY_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it; done once, at import, before any threads start
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save `obj` so that `path` holds either its old content or the complete new one.
 
@@ -58,6 +67,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, tmp_file)
             tmp_file.flush()
             os.fsync(tmp_file.fileno())
+        # mkstemp creates 0600; give the file the mode a plain open() would (shared clusters read it)
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
