@@ -35,6 +35,22 @@ def derive_update_freq(paper_world_size: int | None, processes: int, update_freq
     return effective_update_freq(paper_world_size, processes, update_freq)
 
 
+def usable_gpus_per_node(paper_world_size: int | None, nodes: int, gpus_per_node: int) -> int:
+    """GPUs per node to use so that the job's world size divides the paper's GPU count.
+
+    The vox fine-tuning rows ran on 20 effective GPUs (fairseq: 4 x update_freq 5); a node of 8 cannot
+    keep that batch exactly, 5 of its GPUs can (x update_freq 4). Returns the largest such count
+    <= gpus_per_node, or gpus_per_node itself when no paper world size is set or nothing divides it
+    (derive_update_freq then says why it cannot launch).
+    """
+    if paper_world_size is None or gpus_per_node <= 0:
+        return gpus_per_node
+    for gpus in range(gpus_per_node, 0, -1):
+        if paper_world_size % (nodes * gpus) == 0:
+            return gpus
+    return gpus_per_node
+
+
 def effective_batch_samples(max_tokens: int, processes: int, update_freq: int) -> int:
     """Upper bound of audio samples per update: max_tokens per process x processes x update_freq."""
     return max_tokens * processes * update_freq
@@ -48,6 +64,8 @@ class LaunchPlan:
     nodes: int
     tasks_per_node: int
     gpus_per_node: int
+    requested_gpus_per_node: int | None
+    """GPUs per node the cluster config offers (gpus_per_node may use fewer to keep the paper's batch)."""
     world_size: int
     paper_world_size: int | None
     configured_update_freq: int
@@ -96,14 +114,16 @@ def plan_launch(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> La
     """
     env = os.environ if environ is None else environ
     cluster = cfg.cluster
+    paper_world_size = cfg.distributed_training.get("paper_world_size")
+    requested_gpus_per_node = None
     if cluster.name == "slurm":
-        nodes, gpus_per_node = int(cluster.nodes), int(cluster.gpus_per_node)
+        nodes, requested_gpus_per_node = int(cluster.nodes), int(cluster.gpus_per_node)
+        gpus_per_node = usable_gpus_per_node(paper_world_size, nodes, requested_gpus_per_node)
         processes = world_size(nodes, gpus_per_node)
         tasks_per_node = processes // nodes
     else:
         processes = int(env.get("WORLD_SIZE", "1"))
         nodes, gpus_per_node, tasks_per_node = 1, 0, processes
-    paper_world_size = cfg.distributed_training.get("paper_world_size")
     configured = int(cfg.optimization.update_freq[0])
     update_freq = derive_update_freq(paper_world_size, processes, configured)
     max_tokens = cfg.dataset.get("max_tokens")
@@ -113,6 +133,7 @@ def plan_launch(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> La
         nodes=nodes,
         tasks_per_node=tasks_per_node,
         gpus_per_node=gpus_per_node,
+        requested_gpus_per_node=requested_gpus_per_node,
         world_size=processes,
         paper_world_size=None if paper_world_size is None else int(paper_world_size),
         configured_update_freq=configured,

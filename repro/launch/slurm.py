@@ -84,6 +84,9 @@ def describe_plan(cfg: DictConfig) -> str:
             lines.append(f"  (could not render: {error})")
     else:
         lines.append(f"cluster: {plan.cluster} (this machine; torchrun sets the world size)")
+    if plan.requested_gpus_per_node not in (None, plan.gpus_per_node):
+        lines.append(f"note: using {plan.gpus_per_node} of the {plan.requested_gpus_per_node} GPUs per node so that the "
+                     f"paper's {plan.paper_world_size} GPUs' batch is kept exactly")
     lines.append(f"world size: {plan.world_size} process(es)  -> distributed_training.distributed_world_size")
     paper = "not set" if plan.paper_world_size is None else f"{plan.paper_world_size} GPUs"
     lines.append(f"update_freq: {plan.update_freq}  (configured {plan.configured_update_freq}; paper world size "

@@ -240,8 +240,15 @@ def test_dry_run_through_the_cli_submits_nothing(tmp_path):
                              "dry_run=true", f"hydra.run.dir={tmp_path / 'run'}"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "cannot launch: distributed_training.paper_world_size=20 is not a multiple of the world size 8" in result.stdout
+    # vox rows ran on 20 effective GPUs: 5 of the node's 8 GPUs x update_freq 4 keep that batch exactly
+    assert "using 5 of the 8 GPUs per node" in result.stdout
+    assert "update_freq: 4" in result.stdout
     assert not (tmp_path / "run" / "slurm").exists()
+    three_nodes = subprocess.run([sys.executable, "-m", "repro", "experiment=large_lv60_10m", "cluster=slurm_h100",
+                                  "cluster.nodes=3", "dry_run=true", f"hydra.run.dir={tmp_path / 'run'}"],
+                                 cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "cannot launch: distributed_training.paper_world_size=20 is not a multiple of the world size 24" in (
+        three_nodes.stdout + three_nodes.stderr)
 
 
 # --- preemption hand-off ------------------------------------------------------------------------
@@ -281,3 +288,13 @@ def test_inside_slurm_job(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("REPRO_SLURM_JOB", "1")
     assert slurm.inside_slurm_job()
+
+
+def test_a_node_that_cannot_keep_the_paper_batch_uses_fewer_gpus():
+    from repro.launch.plan import usable_gpus_per_node
+
+    assert usable_gpus_per_node(20, 1, 8) == 5  # vox rows: 20 effective GPUs -> 5 GPUs x update_freq 4
+    assert usable_gpus_per_node(64, 1, 8) == 8
+    assert usable_gpus_per_node(20, 2, 8) == 5  # 10 GPUs x update_freq 2
+    assert usable_gpus_per_node(None, 1, 8) == 8
+    assert usable_gpus_per_node(7, 2, 8) == 8  # nothing divides: derive_update_freq explains the refusal
