@@ -76,6 +76,16 @@ def _split_metrics(lines: list[dict[str, Any]]):
     return dict(results), dict(curves)
 
 
+def _param_value(text: str) -> Any:
+    """An MLflow param (always a string) back to its value: 'None' -> None, '[1, 2]' -> [1, 2]."""
+    if text == "None":
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def _label_from_config(config: dict[str, Any]) -> dict[str, Any]:
     paper = config.get("paper") or {}
     model = config.get("model") or {}
@@ -136,8 +146,8 @@ def collect_mlflow(tracking_uri: str) -> list[RunRecord]:
     for experiment in client.search_experiments():
         for run in client.search_runs([experiment.experiment_id], max_results=10_000):
             tags = run.data.tags
-            run_dir = Path(tags.get("run_dir", ""))
-            if tags.get("run_dir") and (run_dir / "config.yaml").exists():
+            run_dir = Path(tags.get("repro.run_dir", ""))  # set by repro.track.context
+            if tags.get("repro.run_dir") and (run_dir / "config.yaml").exists():
                 record = record_from_run_dir(run_dir)
                 if record is not None:
                     records.append(record)
@@ -147,10 +157,7 @@ def collect_mlflow(tracking_uri: str) -> list[RunRecord]:
             for key, value in params.items():
                 section, _, leaf = key.partition(".")
                 if section in ("paper", "model") and leaf:
-                    try:
-                        config[section][leaf] = yaml.safe_load(value)
-                    except yaml.YAMLError:
-                        config[section][leaf] = value
+                    config[section][leaf] = _param_value(value)
             results: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
             curves: dict[str, list[tuple[int, float]]] = {}
             for key in run.data.metrics:
@@ -168,7 +175,7 @@ def collect_mlflow(tracking_uri: str) -> list[RunRecord]:
                     name=tags.get("mlflow.runName", run.info.run_id),
                     run_dir="",
                     status=status,
-                    stage=tags.get("stage", ""),
+                    stage=tags.get("repro.stage", ""),
                     results=dict(results),
                     curves=curves,
                     wall_seconds=((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000.0,

@@ -180,3 +180,36 @@ def test_collect_from_run_dirs_and_write_self_contained_html(tmp_path):
     assert "55.5" in page
     written = write_report(records, tmp_path / "again")
     assert {"plot:pretraining_curves", "plot:finetuning_dev_wer", "plot:wer_vs_labeled_data"} <= set(written)
+
+
+def test_collect_from_mlflow_when_the_run_directories_are_gone(tmp_path):
+    """A store on a tracking server outlives the cluster's scratch disk: rebuild the record from the
+    run's params, tags and metric histories (names as repro.track logs them)."""
+    from mlflow.tracking import MlflowClient
+
+    from repro.report.collect import collect_mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("wav2vec2.0 Table 1")
+    run = client.create_run(experiment, run_name="base_10m", tags={
+        "repro.run_dir": str(tmp_path / "gone"), "repro.stage": "finetune,evaluate"})
+    run_id = run.info.run_id
+    for key, value in {"paper.rows": '["w2v2-t1-base-ls-960-10m-4-gram"]', "paper.synthetic": "False",
+                       "paper.model_label": "BASE", "paper.pretrain_data": "LS-960", "paper.labeled_data": "10m",
+                       "paper.gpus": "8", "paper.hours": "None", "model._name": "wav2vec_ctc"}.items():
+        client.log_param(run_id, key, value)
+    for step, loss in ((1, 9.0), (2, 7.5)):
+        client.log_metric(run_id, "loss", loss, step=step)
+    client.log_metric(run_id, "dev_other/kenlm_4gram/wer", 15.9, step=0)
+    client.set_terminated(run_id, "FINISHED")
+
+    (record,) = collect_mlflow(uri)
+    assert (record.name, record.status, record.stage) == ("base_10m", "finished", "finetune,evaluate")
+    assert record.rows == ["w2v2-t1-base-ls-960-10m-4-gram"] and record.model == "BASE"
+    assert record.paper_gpu_hours is None  # 'None' hours stays unknown, not a crash
+    assert record.results == {"kenlm_4gram": {"dev_other": {"wer": 15.9}}}
+    assert record.curves["train/loss"] == [(1, 9.0), (2, 7.5)]
+    table1 = build_tables([record], load_paper_rows())[0]
+    row = next(r for r in table1.rows if r.row_id == "w2v2-t1-base-ls-960-10m-4-gram")
+    assert row.ours["dev_other"] == 15.9 and row.paper["dev_other"] == 15.7
