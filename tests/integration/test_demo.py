@@ -41,8 +41,7 @@ def demo_run(tmp_path_factory):
         f"demo.corpus_dir={work / 'corpus'}", "demo.corpus_hours=0.1",
         "demo.pretrain_updates=30", "demo.finetune_updates=30", "demo.splits=[10m,1h]",
         f"demo.report_dir={work / 'reports'}", f"hydra.run.dir={work / 'runs' / 'demo'}",
-        "tracker=both",
-    ]
+    ]  # the demo's default trackers: MLflow (embedded) and W&B (offline)
     env = {"WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(work)}
     first = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=900, env=env)
     assert first.returncode == 0, first.stderr[-4000:]
