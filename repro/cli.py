@@ -13,10 +13,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from repro.config import STAGES, register_configs
-from repro.track.status import RunStatus
+from repro.track import build_tracker
+from repro.track.status import run_stages
 
 log = logging.getLogger("repro")
 
@@ -33,10 +34,6 @@ STAGE_IMPLEMENTATIONS: dict[str, tuple[str, str, str]] = {
     "tokenize": ("repro.models.featurize", "run_tokenize", "the wav2vec v1 / vq-wav2vec issue"),
     "demo": ("repro.tools.demo", "run_demo", "issue 10 (the main job)"),
 }
-
-
-# Exit status of a trainer that checkpointed on a preemption request (EX_TEMPFAIL: try again).
-PREEMPTED_EXIT_CODE = 75
 
 
 class StageNotBuilt(RuntimeError):
@@ -76,14 +73,6 @@ def _rewrite_checkpoint_shorthand(argv: list[str]) -> list[str]:
     return out
 
 
-def _build_tracker(cfg: DictConfig, run_dir: Path):
-    try:
-        from repro.track import build_tracker
-    except ImportError:
-        return None
-    return build_tracker(cfg, run_dir)
-
-
 def run(cfg: DictConfig) -> tuple[int, object]:
     """Run the configured stages in order; return (process exit code, the last stage's result)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
@@ -95,38 +84,15 @@ def run(cfg: DictConfig) -> tuple[int, object]:
         return 2, None
 
     if cfg.dry_run or cfg.cluster.name == "slurm":
-        try:
-            from repro.launch import slurm
-        except ImportError:
-            print("repro: cluster launch is not built yet (tracked in issue 9)", file=sys.stderr)
-            return 2, None
+        from repro.launch import slurm  # submitit is only needed here
         if cfg.dry_run:
             print(slurm.describe_plan(cfg))
             return 0, None
         if not slurm.inside_slurm_job():
             return slurm.submit(cfg, run_dir), None
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    status = RunStatus(run_dir, name=cfg.experiment, stage=",".join(stages), gpus=_visible_gpus(cfg))
-    tracker = _build_tracker(cfg, run_dir)
-    outcome = "failed"
-    result = None
-    try:
-        for stage, implementation in implementations:
-            log.info("stage %s -> %s", stage, run_dir)
-            status.write("running", current_stage=stage)
-            result = implementation(cfg, run_dir, tracker)
-        outcome = "finished"
-    except SystemExit as stop:
-        # the trainer saved and stopped because the job is being preempted (repro.launch.preemption)
-        if stop.code == PREEMPTED_EXIT_CODE:
-            outcome = "preempted"
-        raise
-    finally:
-        status.write(outcome)
-        if tracker is not None:
-            tracker.finish({"finished": "FINISHED", "preempted": "KILLED"}.get(outcome, "FAILED"))
+    result = run_stages(cfg, run_dir, name=cfg.experiment, stages=implementations, gpus=_visible_gpus(cfg),
+                        tracker=build_tracker(cfg, run_dir))
     return 0, result
 
 

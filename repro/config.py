@@ -503,3 +503,10 @@ def register_configs() -> None:
 
 
 STAGES = ("pretrain", "finetune", "evaluate", "pseudo_label", "featurize", "tokenize", "demo")
+
+# Preemption hand-off between repro.launch (writes the request on SLURM's warning signal), repro.train
+# (saves checkpoint_last at the current update and exits) and the run bookkeeping (records "preempted").
+STOP_REQUEST_FILE = "STOP_REQUESTED"
+"""File in the run directory that asks the trainer to save and stop."""
+PREEMPTED_EXIT_CODE = 75
+"""Exit status of a trainer that saved on request (EX_TEMPFAIL: resumable, requeue me)."""

@@ -14,7 +14,7 @@ multi-node job through the shared run directory. What the trainer does with it (
         requested = (run_dir / "STOP_REQUESTED").exists()
         if all_reduce_sum([float(requested)], context)[0] > 0:   # every rank stops at the same update
             save_checkpoint(interval=False, best=False)         # checkpoint_last
-            sys.exit(EXIT_STOPPED)                              # not "finished": later stages must not run
+            sys.exit(PREEMPTED_EXIT_CODE)                       # not "finished": later stages must not run
 
 The requeued job clears the file before the trainer starts (rank 0) and the trainer resumes from
 checkpoint_last in the same run directory. A trainer without the check still resumes exactly,
@@ -27,9 +27,7 @@ import os
 import time
 from pathlib import Path
 
-STOP_REQUEST_FILE = "STOP_REQUESTED"
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, resumable
-"""Exit code the training process uses after saving on request."""
+from repro.config import STOP_REQUEST_FILE
 
 
 def stop_request_path(run_dir: str | Path) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from repro.data.manifest import write_manifest
 from repro.data.synth import make_corpus
@@ -28,7 +28,7 @@ from repro.report.collect import collect_run_dirs
 from repro.tools.manifest import build_manifest
 from repro.tools.prepare_librispeech import prepare
 from repro.track import build_tracker
-from repro.track.status import RunStatus, read_status
+from repro.track.status import read_status, run_stages
 from repro.train.stages import run_finetune, run_pretrain
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -55,20 +55,8 @@ def run_step(name: str, run_dir: Path, cfg: DictConfig, stages: list[tuple[str, 
         return
     started = time.time()
     say(f"{name}: running in {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    status = RunStatus(run_dir, name=name, stage=",".join(s for s, _ in stages), gpus=0)
-    tracker = build_tracker(cfg, run_dir)
-    outcome = "failed"
-    try:
-        for stage, function in stages:
-            status.write("running", current_stage=stage)
-            function(cfg, run_dir, tracker)
-        outcome = "finished"
-    finally:
-        status.write(outcome)
-        tracker.finish("FINISHED" if outcome == "finished" else "FAILED")
-    say(f"{name}: {outcome} in {time.time() - started:.0f} s")
+    run_stages(cfg, run_dir, name=name, stages=stages, gpus=0, tracker=build_tracker(cfg, run_dir))
+    say(f"{name}: finished in {time.time() - started:.0f} s")
 
 
 def prepare_data(corpus_dir: Path, hours: float, seed: int) -> Path:

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from repro.config import PREEMPTED_EXIT_CODE
+
+Stage = tuple[str, Callable[[DictConfig, Path, Any], Any]]
 
 
 class RunStatus:
@@ -35,3 +43,31 @@ def read_status(run_dir: Path) -> dict:
     """The run's last recorded status, or {} when it never started."""
     path = Path(run_dir) / "status.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def run_stages(cfg: DictConfig, run_dir: Path, name: str, stages: Sequence[Stage], gpus: int, tracker: Any) -> Any:
+    """Run `stages` ([(name, fn(cfg, run_dir, tracker))]) in order as one tracked run.
+
+    Writes the resolved config, keeps `status.json` current ('running' -> 'finished' / 'failed' /
+    'preempted' when the trainer saved on a stop request) and finishes the tracker accordingly.
+    Returns the last stage's result.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    status = RunStatus(run_dir, name=name, stage=",".join(stage for stage, _ in stages), gpus=gpus)
+    outcome, result = "failed", None
+    try:
+        for stage, function in stages:
+            status.write("running", current_stage=stage)
+            result = function(cfg, run_dir, tracker)
+        outcome = "finished"
+    except SystemExit as stop:
+        if stop.code == PREEMPTED_EXIT_CODE:
+            outcome = "preempted"
+        raise
+    finally:
+        status.write(outcome)
+        if tracker is not None:
+            tracker.finish({"finished": "FINISHED", "preempted": "KILLED"}.get(outcome, "FAILED"))
+    return result

@@ -34,6 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from repro.config import PREEMPTED_EXIT_CODE, STOP_REQUEST_FILE
 from repro.data.batching import StatefulBatchSampler
 from repro.train.checkpoint import CheckpointManager, build_checkpoint, capture_rng_state, restore_rng_state
 from repro.train.distributed import (
@@ -43,11 +44,6 @@ from repro.train.distributed import (
     effective_update_freq,
 )
 from repro.train.optim import build_lr_scheduler, build_optimizer
-
-# Contract with repro.launch.preemption (which this layer may not import): the request file
-# the launcher writes on SIGTERM/SIGUSR1/2, and the exit status meaning "saved, requeue me".
-STOP_REQUEST_FILE = "STOP_REQUESTED"
-EXIT_STOPPED = 75
 
 log = logging.getLogger(__name__)
 
@@ -712,7 +708,7 @@ class Trainer:
         if all_reduce_sum([float(requested)], self.context)[0] > 0:
             self.save_checkpoint(interval=False, best=False)
             log.warning("stop requested: saved checkpoint_last at update %d; exiting to be requeued", self.num_updates)
-            sys.exit(EXIT_STOPPED)
+            sys.exit(PREEMPTED_EXIT_CODE)
 
     def _final_validation_and_save(self, interval: bool) -> dict[str, float] | None:
         metrics = None
