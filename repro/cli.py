@@ -62,15 +62,10 @@ def _rewrite_checkpoint_shorthand(argv: list[str]) -> list[str]:
     """`checkpoint=PATH` (DESIGN.md's spelling) -> `common_eval.path=PATH`.
 
     `checkpoint` is also fairseq's checkpoint-saving group (`checkpoint.save_interval_updates`),
-    so a bare value cannot be stored there; a value that is not a group option is a path.
+    so a bare value cannot be stored there.
     """
-    out = []
-    for arg in argv:
-        if arg.startswith("checkpoint=") and not arg.startswith("checkpoint.="):
-            out.append("common_eval.path=" + arg.split("=", 1)[1])
-        else:
-            out.append(arg)
-    return out
+    prefix = "checkpoint="
+    return ["common_eval.path=" + arg[len(prefix):] if arg.startswith(prefix) else arg for arg in argv]
 
 
 def run(cfg: DictConfig) -> tuple[int, object]:
