@@ -75,9 +75,7 @@ def viterbi_decode(
     best_scores, best_ids = log_probs.max(-1)  # (B, T) each
     hypotheses = []
     for row, length in enumerate(valid):
-        ids = best_ids[row, :length]
-        tokens = torch.unique_consecutive(ids)
-        tokens = tokens[tokens != blank].tolist()
+        tokens = collapse_ctc(best_ids[row, :length].tolist(), blank)
         hypotheses.append(Hypothesis(tokens=tokens, score=float(best_scores[row, :length].sum())))
     return hypotheses
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from repro.track.jsonl import iter_metric_records
+from repro.track.jsonl import iter_metric_records, record_metrics
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,13 @@ def _split_metrics(lines: list[dict[str, Any]]):
     for line in lines:
         split = str(line.get("split", "train"))
         step = int(line.get("step", 0))
-        values = {k: v for k, v in line.items() if k not in ("step", "split", "time") and isinstance(v, int | float)}
+        values = record_metrics(line)
         if "/" in split:  # evaluation: "<subset>/<decoding>"
             subset, decoding = split.split("/", 1)
-            results[decoding][subset] = {k: float(v) for k, v in values.items()}
+            results[decoding][subset] = values
         else:
             for key, value in values.items():
-                curves[f"{split}/{key}"].append((step, float(value)))
+                curves[f"{split}/{key}"].append((step, value))
     return dict(results), dict(curves)
 
 

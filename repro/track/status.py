@@ -6,7 +6,6 @@ compute it really used.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from repro.config import PREEMPTED_EXIT_CODE
+from repro.track.jsonl import read_json, write_json_atomic
 
 Stage = tuple[str, Callable[[DictConfig, Path, Any], Any]]
 
@@ -34,15 +34,12 @@ class RunStatus:
         wall = self.earlier_seconds + time.time() - self.started
         record = {**self.fields, **extra, "status": status, "wall_seconds": round(wall, 3), "updated": time.time()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(self.path)
+        write_json_atomic(self.path, record)
 
 
 def read_status(run_dir: Path) -> dict:
     """The run's last recorded status, or {} when it never started."""
-    path = Path(run_dir) / "status.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(Path(run_dir) / "status.json", default={})
 
 
 def run_stages(cfg: DictConfig, run_dir: Path, name: str, stages: Sequence[Stage], gpus: int, tracker: Any) -> Any:

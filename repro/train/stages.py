@@ -27,6 +27,7 @@ from repro.config import ModelConfig
 from repro.data.batching import batch_by_size, ordered_indices
 from repro.data.dataset import FileAudioDataset, load_labels
 from repro.data.dictionary import Dictionary
+from repro.decode.viterbi import lengths_from_padding_mask, viterbi_decode
 from repro.decode.wer import edit_distance, post_process
 from repro.losses.contrastive import contrastive_loss
 from repro.losses.ctc import ctc_loss
@@ -194,13 +195,12 @@ def greedy_errors(logits: torch.Tensor, frame_padding_mask: torch.Tensor | None,
     """Greedy CTC decoding and fairseq's validation counts (§3.2): unit errors over token ids incl. '|',
     word errors after post-processing; summed, so the rates are corpus level."""
     logits = logits.float().cpu()
-    lengths = ((~frame_padding_mask).sum(-1) if frame_padding_mask is not None
-               else torch.full((logits.size(0),), logits.size(1))).cpu()
+    lengths = lengths_from_padding_mask(frame_padding_mask, logits.size(0), logits.size(1))
+    hypotheses = viterbi_decode(logits, lengths, blank)
     target = target.cpu()
     counts = {"c_errors": 0.0, "c_total": 0.0, "w_errors": 0.0, "w_total": 0.0}
-    for row in range(logits.size(0)):
-        tokens = logits[row, : int(lengths[row])].argmax(-1).unique_consecutive()
-        predicted = tokens[tokens != blank].tolist()
+    for row, hypothesis in enumerate(hypotheses):
+        predicted = hypothesis.tokens
         keep = (target[row] != dictionary.pad) & (target[row] != dictionary.eos)
         reference = target[row][keep].tolist()
         counts["c_errors"] += edit_distance(reference, predicted)
