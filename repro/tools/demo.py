@@ -79,9 +79,12 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
     started = time.time()
     corpus_dir = Path(demo.corpus_dir).resolve()
     manifests = prepare_data(corpus_dir, float(demo.corpus_hours), int(demo.corpus_seed))
-    tracker_override = [f"tracker={_tracker_choice(cfg)}"]
-    # sub-runs share the demo's MLflow store (one per runs root)
-    tracker_override.append(f"tracker.mlflow.tracking_uri={cfg.tracker.mlflow.tracking_uri or 'null'}")
+    # sub-runs track where the demo itself is configured to (one MLflow store per runs root)
+    tracker_override = [
+        f"tracker.backends=[{','.join(cfg.tracker.backends)}]",
+        f"tracker.mlflow.tracking_uri={cfg.tracker.mlflow.tracking_uri or 'null'}",
+        f"tracker.wandb.mode={cfg.tracker.wandb.mode}",
+    ]
 
     pretrain_dir = run_dir / "pretrain"
     pretrain_cfg = compose_experiment(
@@ -129,13 +132,6 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
     print(summary)
     (run_dir / "summary.txt").write_text(summary)
     return {"report": str(written["html"]), "runs": [r.name for r in records]}
-
-
-def _tracker_choice(cfg: DictConfig) -> str:
-    backends = set(cfg.tracker.backends)
-    if backends >= {"mlflow", "wandb"}:
-        return "both"
-    return next(iter(backends)) if backends else "none"
 
 
 def _summary(records, written: dict[str, Path], run_dir: Path, seconds: float) -> str:
