@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,17 @@ from torch.utils.data import Dataset
 
 from repro.data.audio import read_audio
 from repro.data.dictionary import Dictionary
+from repro.data.lines import read_lines
 from repro.data.manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+MAX_UNKNOWN_FRACTION = 0.001
+"""Share of a label file's tokens that may be missing from the dictionary with only a warning."""
 
 
 class LabelError(ValueError):
-    """Labels that do not line up with their manifest (the message names both files)."""
+    """Labels that do not line up with their manifest or dictionary (the message names the files)."""
 
 
 def normalize_waveform(waveform: torch.Tensor) -> torch.Tensor:
@@ -180,8 +188,8 @@ def load_labels(
     """
     label_path = Path(label_path)
     try:
-        lines = label_path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
+        lines = read_lines(label_path)
+    except (OSError, UnicodeDecodeError) as error:
         raise LabelError(f"{label_path}: cannot read labels: {error}") from error
     if len(lines) != expected_count:
         manifest_name = str(manifest_path) if manifest_path is not None else "its manifest"
@@ -190,4 +198,49 @@ def load_labels(
             "labels must have one line per manifest row"
         )
     skipped = set(skipped_indices)
-    return [dictionary.encode_line(line) for row, line in enumerate(lines) if row not in skipped]
+    kept = [(row + 1, line) for row, line in enumerate(lines) if row not in skipped]  # (line number, text)
+    check_unknown_symbols(label_path, kept, dictionary)
+    return [dictionary.encode_line(line) for _, line in kept]
+
+
+def check_unknown_symbols(
+    label_path: str | Path,
+    numbered_lines: Sequence[tuple[int, str]],
+    dictionary: Dictionary,
+    max_fraction: float = MAX_UNKNOWN_FRACTION,
+) -> int:
+    """Count label tokens missing from `dictionary`; warn, or raise `LabelError` above `max_fraction`.
+
+    fairseq encodes such tokens as `<unk>` without a word, so a lower-case or otherwise foreign
+    label file trains (towards `<unk>`) with exit code 0. Returns the number of unknown tokens.
+    """
+    counts: Counter[str] = Counter()
+    first_line: dict[str, int] = {}
+    total = 0
+    for line_number, line in numbered_lines:
+        for token in line.split():  # the tokens `Dictionary.encode_line` encodes
+            total += 1
+            if token not in dictionary:
+                counts[token] += 1
+                first_line.setdefault(token, line_number)
+    unknown = sum(counts.values())
+    if not unknown:
+        return 0
+    shown = 8
+    listed = ", ".join(
+        f"{symbol!r} x{count} (first on line {first_line[symbol]})" for symbol, count in counts.most_common(shown)
+    )
+    if len(counts) > shown:
+        listed += f" and {len(counts) - shown} other symbols"
+    message = (
+        f"{label_path}:{min(first_line.values())}: {unknown} of {total} label tokens ({unknown / total:.2%}) "
+        f"are not in {dictionary.path or 'the dictionary'} and would become <unk>: {listed}"
+    )
+    if unknown > max_fraction * total:
+        raise LabelError(
+            f"{message}. More than {max_fraction:.1%} unknown is refused: write the labels in the dictionary's "
+            "symbols (fairseq's LibriSpeech letters are upper case, '|' between words) or add the missing "
+            "symbols to the dictionary"
+        )
+    log.warning("%s (at most %.1f%% is tolerated; training goes on)", message, 100 * max_fraction)
+    return unknown

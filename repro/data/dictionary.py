@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from repro.data.lines import read_lines
+
 BOS_SYMBOL = "<s>"
 PAD_SYMBOL = "<pad>"
 EOS_SYMBOL = "</s>"
@@ -33,6 +35,8 @@ class Dictionary:
             self._add(symbol, count=1)
         self.bos, self.pad, self.eos, self.unk = (self._indices[s] for s in SPECIAL_SYMBOLS)
         self.nspecial = len(SPECIAL_SYMBOLS)
+        self.path: Path | None = None
+        """File the dictionary was loaded from, for error messages (None when built in memory)."""
 
     # ----------------------------------------------------------------------------------------
     def _add(self, symbol: str, count: int, overwrite: bool = False) -> int:
@@ -64,8 +68,8 @@ class Dictionary:
         path = Path(path)
         dictionary = cls()
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as error:
+            lines = read_lines(path)
+        except (OSError, UnicodeDecodeError) as error:
             raise DictionaryError(f"{path}: cannot read dictionary: {error}") from error
         for line_number, raw_line in enumerate(lines, start=1):
             line = raw_line.rstrip()
@@ -91,6 +95,7 @@ class Dictionary:
                 raise DictionaryError(
                     f"{path}:{line_number}: {error}; add '{OVERWRITE_FLAG}' to replace it"
                 ) from None
+        dictionary.path = path
         return dictionary
 
     def save(self, path: str | Path, counts: Mapping[str, int] | None = None) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from repro.data.lines import read_lines
+
 FINETUNING_DIR = "librispeech_finetuning"
 FINETUNING_1H = tuple(
     f"{FINETUNING_DIR}/1h/{part}/{kind}" for part in range(6) for kind in ("clean", "other")
@@ -93,7 +95,7 @@ def words_to_letters(words: str) -> str:
 def parse_transcript_file(path: Path) -> dict[str, str]:
     """utterance id -> words (single-spaced) of one `.trans.txt` file."""
     texts: dict[str, str] = {}
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(read_lines(path), start=1):
         items = line.split()
         if not items:
             continue

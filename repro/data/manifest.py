@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from repro.data.lines import read_lines
+
 
 class ManifestError(ValueError):
     """A malformed manifest (the message names the file and line)."""
@@ -42,8 +44,8 @@ def read_manifest(path: str | Path) -> Manifest:
     """Parse a manifest; a malformed line raises `ManifestError` naming file and line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
+        lines = read_lines(path)
+    except (OSError, UnicodeDecodeError) as error:
         raise ManifestError(f"{path}: cannot read manifest: {error}") from error
     if not lines or not lines[0].strip():
         raise ManifestError(f"{path}:1: expected the root directory on the first line")
@@ -78,6 +80,6 @@ def write_manifest(path: str | Path, root: str | Path, entries: Iterable[Manifes
     """Write `root` then one `rel_path<TAB>num_samples` row per entry."""
     entries = list(entries)
     for entry in entries:
-        if "\t" in entry.rel_path or "\n" in entry.rel_path:
-            raise ManifestError(f"{path}: path {entry.rel_path!r} contains a tab or newline")
+        if any(character in entry.rel_path for character in "\t\n\r"):
+            raise ManifestError(f"{path}: path {entry.rel_path!r} contains a tab or line break")
     Path(path).write_text(format_manifest(root, entries), encoding="utf-8")

@@ -10,7 +10,7 @@ import torch
 from repro.data.audio import AudioError
 from repro.data.dataset import FileAudioDataset, LabelError, load_labels
 from repro.data.dictionary import Dictionary
-from repro.data.manifest import ManifestEntry, write_manifest
+from repro.data.manifest import ManifestEntry, read_manifest, write_manifest
 
 
 def make_dataset_files(tmp_path: Path, sizes: list[int]) -> tuple[Path, list[np.ndarray]]:
@@ -107,3 +107,49 @@ def test_corrupt_audio_during_training_names_the_path(tmp_path: Path) -> None:
     soundfile.write(tmp_path / "0.wav", np.zeros(500, np.float32), 16_000)  # replaced by a shorter file
     with pytest.raises(AudioError, match=r"0\.wav: holds 500 samples but the manifest says 1000"):
         dataset[0]
+
+
+def test_label_and_manifest_lines_end_only_at_newline(tmp_path: Path) -> None:
+    """fairseq reads line by line: \\x1c, \\x85, \\u2028 inside a line do not start a new one."""
+    manifest, _ = make_dataset_files(tmp_path, [1000, 1100, 1200])
+    dictionary = Dictionary.from_symbols(["|", "A", "B", "C"])
+    # 2 label lines for 3 audio rows: str.splitlines() made 3 lines of them and shifted the labels.
+    (tmp_path / "train.ltr").write_text("A |\nB \x1c C\u2028 |\n", encoding="utf-8")
+    with pytest.raises(LabelError, match=r"train\.ltr has 2 lines but .*train\.tsv has 3 audio rows"):
+        load_labels(tmp_path / "train.ltr", dictionary, set(), 3, manifest_path=manifest)
+    (tmp_path / "train.ltr").write_text("A |\nB \x85 |\nC |\n", encoding="utf-8")
+    labels = load_labels(tmp_path / "train.ltr", dictionary, set(), 3, manifest_path=manifest)
+    assert labels == [[5, 4], [6, 4], [7, 4]]  # \x85 separates tokens within its line, as in fairseq
+    # A manifest path holding such a character stays one row.
+    (tmp_path / "odd.tsv").write_text("/root\na\x85b\u2028c.flac\t10\nd.flac\t20\n", encoding="utf-8")
+    entries = read_manifest(tmp_path / "odd.tsv").entries
+    assert [(entry.rel_path, entry.num_samples) for entry in entries] == [("a\x85b\u2028c.flac", 10), ("d.flac", 20)]
+    # fairseq's Dictionary.add_from_file reads line by line too: one symbol per line.
+    (tmp_path / "dict.ltr.txt").write_text("| 10\nA\x1cB 5\nC 3\n", encoding="utf-8")
+    loaded = Dictionary.load(tmp_path / "dict.ltr.txt")
+    assert loaded.symbols[4:] == ["|", "A\x1cB", "C"]
+
+
+def test_labels_missing_from_the_dictionary_fail_with_file_and_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest, _ = make_dataset_files(tmp_path, [1000, 1100])
+    (tmp_path / "dict.ltr.txt").write_text("| 4\nA 2\nB 2\n", encoding="utf-8")
+    dictionary = Dictionary.load(tmp_path / "dict.ltr.txt")
+    # A lower-case copy of the labels: every letter would silently become <unk>.
+    (tmp_path / "train.ltr").write_text("A B |\na b |\n", encoding="utf-8")
+    with pytest.raises(LabelError) as refused:
+        load_labels(tmp_path / "train.ltr", dictionary, set(), 2, manifest_path=manifest)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'train.ltr'}:2: 2 of 6 label tokens (33.33%) are not in ")
+    assert str(tmp_path / "dict.ltr.txt") in message
+    assert "'a' x1 (first on line 2), 'b' x1 (first on line 2)" in message
+    # Rows the dataset skips (min_sample_size) are not counted.
+    assert load_labels(tmp_path / "train.ltr", dictionary, {1}, 2) == [[5, 6, 4]]
+    # One stray symbol in a large file: encoded as <unk> (as fairseq does), with a warning naming it.
+    lines = ["A B |"] * 999 + ["A \u00e9 |"]
+    (tmp_path / "big.ltr").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="repro.data.dataset"):
+        labels = load_labels(tmp_path / "big.ltr", dictionary, set(), 1000)
+    assert labels[-1] == [5, dictionary.unk, 4]
+    assert f"{tmp_path / 'big.ltr'}:1000: 1 of 3000 label tokens" in caplog.text and "'\u00e9' x1" in caplog.text
