@@ -24,15 +24,16 @@ log = logging.getLogger("repro")
 # conf/ lives beside the package in the repository (editable install).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-# stage -> (module, function, where it is tracked)
+# stage -> (module, function, what the stage would do: said when its module has not landed)
 STAGE_IMPLEMENTATIONS: dict[str, tuple[str, str, str]] = {
-    "pretrain": ("repro.train.stages", "run_pretrain", "issue 6 (training engine)"),
-    "finetune": ("repro.train.stages", "run_finetune", "issue 6 (training engine)"),
-    "evaluate": ("repro.decode.evaluate", "run_evaluate", "issue 8 (evaluation)"),
-    "pseudo_label": ("repro.train.self_training", "run_pseudo_label", "the self-training issue"),
-    "featurize": ("repro.models.featurize", "run_featurize", "the wav2vec v1 / vq-wav2vec issue"),
-    "tokenize": ("repro.models.featurize", "run_tokenize", "the wav2vec v1 / vq-wav2vec issue"),
-    "demo": ("repro.tools.demo", "run_demo", "issue 10 (the main job)"),
+    "pretrain": ("repro.train.stages", "run_pretrain", "wav2vec 2.0 pretraining"),
+    "finetune": ("repro.train.stages", "run_finetune", "CTC fine-tuning"),
+    "evaluate": ("repro.decode.evaluate", "run_evaluate", "decoding and WER scoring of a checkpoint"),
+    "pseudo_label": ("repro.train.self_training", "run_pseudo_label",
+                     "pseudo-labelling unlabeled audio for self-training (Xu et al. 2020)"),
+    "featurize": ("repro.models.featurize", "run_featurize", "wav2vec / vq-wav2vec feature extraction"),
+    "tokenize": ("repro.models.featurize", "run_tokenize", "vq-wav2vec tokenization of audio into discrete units"),
+    "demo": ("repro.tools.demo", "run_demo", "the miniature end-to-end reproduction"),
 }
 
 
@@ -44,17 +45,16 @@ def resolve_stage(stage: str):
     """Return the callable implementing `stage`, or raise a plain-spoken error."""
     if stage not in STAGE_IMPLEMENTATIONS:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    module_name, function_name, owner = STAGE_IMPLEMENTATIONS[stage]
+    module_name, function_name, purpose = STAGE_IMPLEMENTATIONS[stage]
+    missing = f"this version of repro has no implementation of {purpose}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name is not None and module_name.startswith(error.name):
-            raise StageNotBuilt(
-                f"stage {stage!r} is not built yet ({module_name} does not exist; tracked in {owner})"
-            ) from None
+            raise StageNotBuilt(f"stage {stage!r} is not built yet: {missing} (module {module_name} is absent)") from None
         raise
     if not hasattr(module, function_name):
-        raise StageNotBuilt(f"stage {stage!r} is not built yet ({module_name}.{function_name} missing; {owner})")
+        raise StageNotBuilt(f"stage {stage!r} is not built yet: {missing} ({module_name}.{function_name} is absent)")
     return getattr(module, function_name)
 
 
