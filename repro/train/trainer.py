@@ -24,8 +24,7 @@ import math
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from torch import nn
 
 from repro.config import PREEMPTED_EXIT_CODE, STOP_REQUEST_FILE
 from repro.data.batching import StatefulBatchSampler
+from repro.tasks.common import LN2, SplitData, TaskHooks  # noqa: F401  (LN2: re-exported)
 from repro.train.checkpoint import CheckpointManager, build_checkpoint, capture_rng_state, restore_rng_state
 from repro.train.distributed import (
     DistributedContext,
@@ -47,7 +47,6 @@ from repro.train.optim import build_lr_scheduler, build_optimizer
 
 log = logging.getLogger(__name__)
 
-LN2 = math.log(2)
 # Logged values that are averaged over logging outputs (micro-batches x processes), not summed (§2).
 AVERAGED_LOG_KEYS = ("prob_perplexity", "code_perplexity", "temp")
 NUM_OUTPUTS = "_num_outputs"
@@ -121,30 +120,6 @@ class DynamicLossScaler:
         self._last_rescale_iter = int(state["last_rescale_iter"])
 
 
-# --- what differs between pretraining and fine-tuning ---------------------------------------------
-
-
-@dataclass
-class TaskHooks:
-    """The stage-specific parts; everything else in the loop is shared."""
-
-    kind: str
-    """Checkpoint kind: 'wav2vec2' or 'wav2vec_ctc'."""
-    compute_loss: Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
-    """(model, batch) -> (summed loss, logs with at least loss and sample_size)."""
-    reduce_train: Callable[[dict[str, float]], dict[str, float]]
-    """Summed logs of one or more updates -> fairseq metrics (loss in bits, accuracy, ...)."""
-    valid_batch: Callable[[nn.Module, dict], dict[str, float]] | None = None
-    """(eval model, batch) -> summable counts."""
-    reduce_valid: Callable[[dict[str, float]], dict[str, float]] | None = None
-    """Summed counts over the validation set -> metrics (loss, wer, uer, ...)."""
-    model_cfg: dict[str, Any] = field(default_factory=dict)
-    task_cfg: dict[str, Any] = field(default_factory=dict)
-    dictionary: list[str] | None = None
-    find_unused_parameters: bool = True
-    """DDP must look for parameters without gradients (LayerDrop, a frozen encoder or feature extractor)."""
-
-
 def add_logs(total: dict[str, float], logs: dict[str, Any], weight: float = 1.0) -> None:
     """Accumulate one logging output (sums for counts, sums + count for averaged keys)."""
     for key, value in logs.items():
@@ -163,16 +138,6 @@ def average_logged_keys(total: dict[str, float]) -> dict[str, float]:
 
 
 # --- data ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class SplitData:
-    """A dataset and its fixed list of batches (arrays of dataset indices)."""
-
-    name: str
-    dataset: Any
-    """Has `__getitem__(i) -> sample` and `collater(samples, rng) -> batch`."""
-    batches: list[np.ndarray]
 
 
 class _BatchKeys(torch.utils.data.Sampler):
