@@ -15,14 +15,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from repro.config import STAGES, register_configs
+from repro.config import CONF_DIR, STAGES, register_configs
 from repro.track import build_tracker
 from repro.track.status import run_stages
 
 log = logging.getLogger("repro")
-
-# conf/ lives beside the package in the repository (editable install).
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # stage -> (module, function, what the stage would do: said when its module has not landed)
 STAGE_IMPLEMENTATIONS: dict[str, tuple[str, str, str]] = {

@@ -14,6 +14,7 @@ says otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -494,6 +495,10 @@ class ReproConfig:
     """Named decoding setups (overrides of `decode`) evaluated by stage=evaluate."""
     paper: PaperConfig = field(default_factory=PaperConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+"""Hydra's config tree: `repro/conf` links to the repository's `conf/` and ships inside the wheel."""
 
 
 def register_configs() -> None:

@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
+from repro.config import CONF_DIR
 from repro.data.manifest import write_manifest
 from repro.data.synth import make_corpus
 from repro.decode.evaluate import run_evaluate
@@ -31,7 +32,6 @@ from repro.track import build_tracker
 from repro.track.status import read_status, run_stages
 from repro.train.stages import run_finetune, run_pretrain
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EVAL_SPLITS = ["dev_clean", "dev_other", "test_clean", "test_other"]
 
 
