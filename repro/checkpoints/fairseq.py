@@ -3,11 +3,9 @@
 A fairseq file is a pickle (fairseq_spec.md §9.1): besides tensors it holds an `argparse.Namespace`
 (2020 releases), a pickled omegaconf `DictConfig` (files saved Nov 2020 - Mar 2021) or a plain dict
 (`cfg`, newer files), and sometimes pickled fairseq objects (meters in `extra_state`, the target
-`Dictionary` in `task_state`). `torch.load(weights_only=True)` refuses all of these, and plain
-`torch.load` would run whatever a file names. `safe_load` unpickles with an allow-list: tensor
-rebuilding, the few stdlib / numpy / omegaconf classes these files use, and inert stand-ins for every
-`fairseq.*` name. Anything else (os.system, builtins.eval, ...) raises `UnsafeCheckpointError`
-before it is called.
+`Dictionary` in `task_state`). `safe_load` (repro.checkpoints.safe_pickle) reads them with torch's
+weights-only unpickler extended by an allow-list and inert stand-ins for every `fairseq.*` name;
+TorchScript archives and anything naming another global are refused before anything is built.
 
 `load(path)` then turns the stored configuration of any era into our `ModelConfig`, builds
 `Wav2Vec2Model` (arch `wav2vec2`) or `Wav2Vec2CTC` (arch `wav2vec_ctc`), and loads the state dict
@@ -16,23 +14,15 @@ strictly. Our own files (`format.py`) are accepted too.
 
 from __future__ import annotations
 
-import _compat_pickle
 import argparse
 import ast
-import collections
 import dataclasses
-import io
 import logging
-import pickle
 import re
-import typing
 from dataclasses import dataclass
-from functools import cache, lru_cache
 from pathlib import Path
-from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -41,12 +31,16 @@ from repro.checkpoints.format import (
     CheckpointError,
     UnsafeCheckpointError,
     check_repro_checkpoint,
-    describe_unreadable,
+    verify_checksums,
 )
+from repro.checkpoints.safe_pickle import FairseqDictionary, FairseqObject, safe_load
 from repro.config import ModelConfig, TaskConfig
 from repro.models.ctc import CTC_FIELDS, FINETUNE_OVERRIDES
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CheckpointError", "FairseqDictionary", "FairseqObject", "LoadedModel", "NotWav2Vec2Error",
+           "StoredConfig", "UnsafeCheckpointError", "load", "safe_load", "stored_config", "to_plain"]
 
 
 class NotWav2Vec2Error(CheckpointError):
@@ -62,227 +56,6 @@ class LoadedModel:
     task_cfg: dict[str, Any]
     dictionary: Any  # repro.data.dictionary.Dictionary | None (CTC files rarely carry it, §9.1)
     kind: str  # "wav2vec2" | "wav2vec_ctc"
-
-
-# =================================================================================================
-# Restricted unpickling
-# =================================================================================================
-
-
-class FairseqObject:
-    """Inert stand-in for any pickled `fairseq.*` global (class, enum, function).
-
-    It records what the pickle hands it (constructor arguments, `__setstate__` state, dict / list
-    items) and never runs fairseq code. `fairseq_name` is the dotted name the file referenced.
-    """
-
-    fairseq_name: ClassVar[str] = "fairseq"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> FairseqObject:
-        obj = super().__new__(cls)
-        obj.args, obj.kwargs, obj.state = args, kwargs, None
-        obj.items, obj.elements = {}, []
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __setitem__(self, key: Any, value: Any) -> None:  # pickled dict subclasses (MetersDict)
-        self.items[key] = value
-
-    def append(self, value: Any) -> None:  # pickled list subclasses
-        self.elements.append(value)
-
-    def extend(self, values: Any) -> None:
-        self.elements.extend(values)
-
-    def __repr__(self) -> str:
-        return f"<pickled {self.fairseq_name} args={self.args!r}>"
-
-
-class FairseqDictionary(FairseqObject):
-    """Stand-in for `fairseq.data.dictionary.Dictionary`; `to_dictionary` rebuilds ours."""
-
-    fairseq_name = "fairseq.data.dictionary.Dictionary"
-
-    def to_dictionary(self, path: Path | str = "<checkpoint>") -> Any:
-        """Our Dictionary with the same symbols at the same indices (and the same counts)."""
-        from repro.data.dictionary import SPECIAL_SYMBOLS, Dictionary
-
-        state = self.state if isinstance(self.state, dict) else {}
-        symbols = state.get("symbols")
-        if not isinstance(symbols, list) or not all(isinstance(s, str) for s in symbols):
-            raise CheckpointError(f"{path}: pickled fairseq Dictionary has no symbol list")
-        specials = {name: state.get(f"{name}_index") for name in ("bos", "pad", "eos", "unk")}
-        if tuple(symbols[:4]) != SPECIAL_SYMBOLS or specials != {"bos": 0, "pad": 1, "eos": 2, "unk": 3}:
-            raise CheckpointError(
-                f"{path}: pickled fairseq Dictionary has specials {symbols[:4]} at {specials}; repro expects "
-                f"{list(SPECIAL_SYMBOLS)} at indices 0..3"
-            )
-        indices = state.get("indices")
-        if isinstance(indices, dict) and any(indices.get(s) != i for i, s in enumerate(symbols)):
-            raise CheckpointError(f"{path}: pickled fairseq Dictionary: 'indices' disagrees with 'symbols'")
-        dictionary = Dictionary.from_symbols(symbols[4:])
-        counts = state.get("count")
-        if isinstance(counts, list) and len(counts) == len(symbols):
-            dictionary.counts = [int(c) for c in counts]
-        return dictionary
-
-
-@cache
-def _fairseq_stub(name: str) -> type:
-    """One stand-in class per referenced fairseq name (cached, so identity checks in a file hold)."""
-    if name == FairseqDictionary.fairseq_name:
-        return FairseqDictionary
-    short = name.rsplit(".", 1)[-1]
-    return type(short, (FairseqObject,), {"fairseq_name": name, "__module__": __name__})
-
-
-def _numpy_globals() -> dict[str, Any]:
-    """numpy's array / scalar / dtype reconstruction, under both its 1.x and 2.x module names."""
-    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]  # multiarray._reconstruct
-    scalar = np.float64(0).__reduce__()[0]  # multiarray.scalar
-    found: dict[str, Any] = {}
-    for package in ("numpy.core", "numpy._core"):
-        found[f"{package}.multiarray._reconstruct"] = reconstruct
-        found[f"{package}.multiarray.scalar"] = scalar
-    found["numpy.ndarray"] = np.ndarray
-    found["numpy.dtype"] = np.dtype
-    return found
-
-
-def _torch_globals() -> dict[str, Any]:
-    """Tensor / storage rebuilding: what `torch.save` of a state dict emits (any torch version)."""
-    found: dict[str, Any] = {
-        "torch.Size": torch.Size,
-        "torch.device": torch.device,
-        "torch.Tensor": torch.Tensor,
-        "torch.nn.parameter.Parameter": torch.nn.Parameter,
-        "torch.serialization._get_layout": torch.serialization._get_layout,
-        "torch._tensor._rebuild_from_type_v2": torch._tensor._rebuild_from_type_v2,
-    }
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                 "_rebuild_parameter_with_state", "_rebuild_device_tensor_from_numpy"):
-        if hasattr(torch._utils, name):
-            found[f"torch._utils.{name}"] = getattr(torch._utils, name)
-    for name in dir(torch):
-        value = getattr(torch, name, None)
-        if isinstance(value, (torch.dtype, torch.layout)):
-            found[f"torch.{name}"] = value
-        elif name.endswith("Storage") and isinstance(value, type):  # legacy typed storages (old files)
-            found[f"torch.{name}"] = value
-    return found
-
-
-def _omegaconf_globals() -> dict[str, Any]:
-    """The classes a pickled omegaconf DictConfig references (§9.2)."""
-    from omegaconf import base, dictconfig, listconfig, nodes
-
-    found: dict[str, Any] = {
-        "omegaconf.dictconfig.DictConfig": dictconfig.DictConfig,
-        "omegaconf.listconfig.ListConfig": listconfig.ListConfig,
-        "omegaconf.base.Metadata": base.Metadata,
-        "omegaconf.base.ContainerMetadata": base.ContainerMetadata,
-    }
-    for name in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "EnumNode",
-                 "BytesNode", "PathNode"):
-        if hasattr(nodes, name):
-            found[f"omegaconf.nodes.{name}"] = getattr(nodes, name)
-    return found
-
-
-@lru_cache(maxsize=1)
-def allowed_globals() -> dict[str, Any]:
-    """Every global a checkpoint may name, as "module.qualname" -> object (fairseq.* aside)."""
-    import builtins
-    import codecs
-    import copyreg
-
-    found: dict[str, Any] = {
-        "collections.OrderedDict": collections.OrderedDict,
-        "collections.defaultdict": collections.defaultdict,
-        "collections.Counter": collections.Counter,
-        "argparse.Namespace": argparse.Namespace,
-        "typing.Any": typing.Any,
-        # bytes objects in protocol-2 pickles are written as _codecs.encode(str, "latin1").
-        "_codecs.encode": codecs.encode,
-        "copyreg._reconstructor": copyreg._reconstructor,
-    }
-    # Types as values (omegaconf's Metadata.key_type / object_type) and small constructors (bytes()
-    # is how protocol 2 writes b"").
-    for name in ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "dict", "list",
-                 "tuple", "str", "int", "float", "bool", "object"):
-        found[f"builtins.{name}"] = getattr(builtins, name)
-    found.update(_torch_globals())
-    found.update(_numpy_globals())
-    found.update(_omegaconf_globals())
-    return found
-
-
-def resolve_global(module: str, name: str, path: Path | str) -> Any:
-    """The object a pickle's GLOBAL opcode may get, or `UnsafeCheckpointError`."""
-    original = f"{module}.{name}"
-    # Protocol-2 pickles written by Python 3 use Python 2 module names (__builtin__, copy_reg).
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-    elif module in _compat_pickle.IMPORT_MAPPING:
-        module = _compat_pickle.IMPORT_MAPPING[module]
-    dotted = f"{module}.{name}"
-    if module == "fairseq" or module.startswith("fairseq."):
-        return _fairseq_stub(dotted)
-    allowed = allowed_globals()
-    if dotted in allowed:
-        return allowed[dotted]
-    shown = dotted if dotted == original else f"{original} (= {dotted})"
-    raise UnsafeCheckpointError(
-        f"{path}: refused to unpickle global '{shown}': it is not on the allow-list of a wav2vec 2.0 "
-        "checkpoint (tensors, argparse/omegaconf configs, numpy scalars, fairseq objects), so the file "
-        "could run arbitrary code or is not a model checkpoint. Nothing it names was called."
-    )
-
-
-def restricted_pickle_module(path: Path | str) -> ModuleType:
-    """A `pickle`-like module for `torch.load(pickle_module=...)` whose Unpickler uses the allow-list."""
-
-    class RestrictedUnpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            return resolve_global(module, name, path)
-
-    def load(file: typing.BinaryIO, **kwargs: Any) -> Any:
-        return RestrictedUnpickler(file, **kwargs).load()
-
-    def loads(data: bytes, **kwargs: Any) -> Any:
-        return RestrictedUnpickler(io.BytesIO(data), **kwargs).load()
-
-    module = ModuleType("repro_restricted_pickle")
-    module.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
-    module.load = load  # type: ignore[attr-defined]
-    module.loads = loads  # type: ignore[attr-defined]
-    module.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
-    return module
-
-
-def safe_load(path: str | Path) -> dict[str, Any]:
-    """Unpickle a torch checkpoint (fairseq's or ours) through the allow-list; returns the raw dict.
-
-    Namespaces, omegaconf containers and `FairseqObject` stand-ins are returned as unpickled; use
-    `stored_config` / `to_plain` to read the configuration.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle_module(path))
-    except CheckpointError:
-        raise
-    except Exception as error:  # damaged bytes surface as RuntimeError / EOFError / KeyError / ...
-        raise CheckpointError(describe_unreadable(path, error)) from error
-    if not isinstance(obj, dict):
-        raise NotWav2Vec2Error(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
-    return obj
 
 
 # =================================================================================================
@@ -316,29 +89,49 @@ def resolve_interpolations(tree: Any, root: Any = None, depth: int = 0) -> Any:
     return resolve_interpolations(target, root, depth + 1)
 
 
-def to_plain(obj: Any) -> Any:
-    """Namespaces, omegaconf containers, OrderedDicts and fairseq stand-ins -> dicts / lists / scalars."""
+# fairseq's configs nest a few levels (w2v_args inside the model section inside cfg); anything
+# much deeper, or a container that contains itself, is a crafted file, not a config.
+MAX_CONFIG_DEPTH = 64
+
+
+class ConfigStructureError(CheckpointError):
+    """A stored config that refers to itself or nests beyond MAX_CONFIG_DEPTH."""
+
+
+def to_plain(obj: Any, _enclosing: tuple[int, ...] = ()) -> Any:
+    """Namespaces, omegaconf containers, OrderedDicts and fairseq stand-ins -> dicts / lists / scalars.
+
+    Raises `ConfigStructureError` for a self-referencing or absurdly deep structure (never RecursionError).
+    """
     from omegaconf import DictConfig, ListConfig
 
+    if not isinstance(obj, (dict, list, tuple, argparse.Namespace, DictConfig, ListConfig, FairseqObject)):
+        if isinstance(obj, type) and issubclass(obj, FairseqObject):
+            return obj.fairseq_name
+        return obj
+    if id(obj) in _enclosing:
+        raise ConfigStructureError(f"stored config contains itself (a {type(obj).__name__} inside its own value)")
+    if len(_enclosing) >= MAX_CONFIG_DEPTH:
+        raise ConfigStructureError(f"stored config nests deeper than {MAX_CONFIG_DEPTH} levels")
+    inner = _enclosing + (id(obj),)
     if isinstance(obj, (DictConfig, ListConfig)):
-        plain = to_plain(OmegaConf.to_container(obj, resolve=False, enum_to_str=True))
-        return resolve_interpolations(plain)
+        try:
+            container = OmegaConf.to_container(obj, resolve=False, enum_to_str=True)
+        except RecursionError:
+            raise ConfigStructureError("stored omegaconf config nests too deep to read") from None
+        return resolve_interpolations(to_plain(container, inner))
     if isinstance(obj, argparse.Namespace):
-        return {key: to_plain(value) for key, value in vars(obj).items()}
+        return {key: to_plain(value, inner) for key, value in vars(obj).items()}
     if isinstance(obj, dict):
-        return {key: to_plain(value) for key, value in obj.items()}
+        return {key: to_plain(value, inner) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_plain(value) for value in obj)
-    if isinstance(obj, FairseqObject):
-        # A fairseq ChoiceEnum member pickles as EnumClass(value): keep the value.
-        if len(obj.args) == 1 and isinstance(obj.args[0], (str, int, float, bool)):
-            return obj.args[0]
-        if isinstance(obj.state, dict):
-            return to_plain(obj.state)
-        return repr(obj)
-    if isinstance(obj, type) and issubclass(obj, FairseqObject):
-        return obj.fairseq_name
-    return obj
+        return type(obj)(to_plain(value, inner) for value in obj)
+    # A fairseq ChoiceEnum member pickles as EnumClass(value): keep the value.
+    if len(obj.args) == 1 and isinstance(obj.args[0], (str, int, float, bool)):
+        return obj.args[0]
+    if isinstance(obj.state, dict):
+        return to_plain(obj.state, inner)
+    return repr(obj)
 
 
 @dataclass
@@ -383,6 +176,8 @@ def stored_config(raw: dict[str, Any], path: Path | str) -> StoredConfig:
         model, task, era = _sections(source)
     except TypeError as error:
         raise CheckpointError(f"{path}: stored config is {error}, expected a Namespace or a dict") from None
+    except ConfigStructureError as error:
+        raise ConfigStructureError(f"{path}: {error}") from None
     arch = model.get("_name") or model.get("arch")
     if not isinstance(arch, str):
         raise NotWav2Vec2Error(f"{path}: stored config names no model architecture (no 'arch' / 'model._name')")
@@ -393,6 +188,8 @@ def stored_config(raw: dict[str, Any], path: Path | str) -> StoredConfig:
             pretrain_model, pretrain_task, _ = _sections(w2v_args)
         except TypeError as error:
             raise CheckpointError(f"{path}: w2v_args is {error}, expected a Namespace or a dict") from None
+        except ConfigStructureError as error:
+            raise ConfigStructureError(f"{path}: w2v_args: {error}") from None
     return StoredConfig(arch=arch, model=model, task=task, pretrain_model=pretrain_model,
                         pretrain_task=pretrain_task, era=era)
 
@@ -658,6 +455,7 @@ def _load_repro(obj: dict[str, Any], path: Path) -> LoadedModel:
     from repro.data.dictionary import SPECIAL_SYMBOLS, Dictionary
 
     check_repro_checkpoint(obj, path)
+    verify_checksums(obj, path)
     unknown = sorted(set(obj["model_cfg"]) - set(MODEL_FIELDS))
     if unknown:
         raise CheckpointError(f"{path}: model_cfg has fields unknown to this repro version: {', '.join(unknown)}")

@@ -13,11 +13,15 @@ It holds only tensors, dicts, lists, strings, numbers, bools and None, so it is 
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
 import re
+import socket
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,9 @@ class UnsafeCheckpointError(CheckpointError):
     """The pickle names a global outside the allow-list (it could run code); nothing was executed."""
 
 
+# Our files record a CRC-32 of every tensor payload under this key (fairseq's files carry none).
+CHECKSUM_KEY = "tensor_crc32"
+
 # Globals that mark a fairseq file (configs, numpy scalars in extra_state, pickled fairseq objects).
 FAIRSEQ_GLOBAL_PREFIXES = ("argparse.", "omegaconf.", "fairseq.", "numpy.", "typing.")
 WEIGHTS_ONLY_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
@@ -51,27 +58,116 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+# Temporary files carry the writer's host and pid, so that a later start can tell the leftovers
+# of a killed writer (each as large as a checkpoint) from a write in progress:
+# `.<name>.<host>.<pid>.<random>.tmp` beside the file being written.
+TEMPORARY_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "-") or "localhost"
+
+
+def temporary_file(path: Path) -> tuple[int, str]:
+    """(descriptor, name) of a new temporary file beside `path`, named as TEMPORARY_PATTERN."""
+    return tempfile.mkstemp(prefix=f".{path.name}.{_host()}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporaries of writers on this host that are no longer running; return them.
+
+    Files of another host (a shared file system) or of a live process are left alone.
+    """
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    host = _host()
+    for candidate in directory.iterdir():
+        match = TEMPORARY_PATTERN.match(candidate.name)
+        if match is None or match.group("host") != host or _process_alive(int(match.group("pid"))):
+            continue
+        try:
+            candidate.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(candidate)
+    return removed
+
+
+class _RecordingWriter:
+    """A binary file for torch.save that remembers the OSError of a failed write.
+
+    torch's zip writer swallows the exception of its write callback and reports a size mismatch
+    ("unexpected pos N vs M"); the recorded error says what really happened (ENOSPC, EDQUOT, ...).
+    """
+
+    def __init__(self, handle: io.BufferedWriter) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _write_error(path: Path, error: OSError) -> CheckpointError:
+    code = errno.errorcode.get(error.errno, "?") if error.errno is not None else "?"
+    hint = " (disk full?)" if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return CheckpointError(
+        f"{path}: could not write the checkpoint: {error.strerror or error} [errno {error.errno} {code}]{hint}; "
+        "the previous file, if any, is unchanged"
+    )
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save `obj` so that `path` holds either its old content or the complete new one.
 
     The bytes go to a temporary file in the same directory (same file system, so the rename is
     atomic), are flushed and fsync'ed, then `os.replace`d over `path`; the directory is fsync'ed
-    too so the rename itself survives a crash.
+    too so the rename itself survives a crash. One of our checkpoint dicts gets a checksum of each
+    tensor payload (`tensor_crc32`), verified by `read_checkpoint`. A failed write raises
+    `CheckpointError` naming the file and the errno.
     """
     path = Path(path)
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        obj = {**obj, CHECKSUM_KEY: tensor_checksums(obj)}
+    handle, tmp_name = temporary_file(path)
+    writer = None
     try:
         with os.fdopen(handle, "wb") as tmp_file:
-            torch.save(obj, tmp_file)
+            writer = _RecordingWriter(tmp_file)
+            torch.save(obj, writer)
             tmp_file.flush()
             os.fsync(tmp_file.fileno())
         # mkstemp creates 0600; give the file the mode a plain open() would (shared clusters read it)
         os.chmod(tmp_name, 0o666 & ~_UMASK)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp_name).unlink(missing_ok=True)
+        recorded = writer.error if writer is not None and writer.error is not None else None
+        if recorded is None and isinstance(error, OSError):
+            recorded = error
+        if recorded is not None:
+            raise _write_error(path, recorded) from error
         raise
     _fsync_directory(directory)
 
@@ -87,6 +183,53 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+# --- tensor checksums ----------------------------------------------------------------------------
+
+
+def tensor_crc32(tensor: torch.Tensor) -> int:
+    """CRC-32 of a tensor's dtype, shape and payload bytes."""
+    tensor = tensor.detach().cpu().contiguous()
+    header = f"{tensor.dtype}{tuple(tensor.shape)}".encode()
+    payload = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+    return zlib.crc32(payload, zlib.crc32(header))
+
+
+def tensor_checksums(obj: Any) -> dict[str, int]:
+    """`{"/model/encoder.layer_norm.weight": crc, ...}` for every tensor inside `obj`."""
+    sums: dict[str, int] = {}
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, torch.Tensor):
+            sums[where] = tensor_crc32(node)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if not (where == "" and key == CHECKSUM_KEY):
+                    walk(value, f"{where}/{key}")
+        elif isinstance(node, (list, tuple)):
+            for index, value in enumerate(node):
+                walk(value, f"{where}/{index}")
+
+    walk(obj, "")
+    return sums
+
+
+def verify_checksums(obj: dict[str, Any], path: Path) -> None:
+    """Compare the stored tensor checksums with the loaded tensors (files without them pass)."""
+    stored = obj.get(CHECKSUM_KEY)
+    if stored is None:
+        return  # written before checksums existed
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path}: entry {CHECKSUM_KEY!r} is not a dict")
+    actual = tensor_checksums(obj)
+    damaged = sorted(key for key in set(stored) | set(actual) if stored.get(key) != actual.get(key))
+    if damaged:
+        shown = ", ".join(damaged[:5]) + (f" (+{len(damaged) - 5} more)" if len(damaged) > 5 else "")
+        raise CheckpointError(
+            f"{path}: damaged tensor data: the checksum of {len(damaged)} tensor(s) differs from the one written "
+            f"with the file ({shown}); the file was corrupted or altered after it was saved"
+        )
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -149,6 +292,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    from repro.checkpoints.safe_pickle import scan_container  # it builds on this module's errors
+
+    scan_container(path)  # refuses TorchScript / tar / foreign containers before torch opens them
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -169,7 +315,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from error
     except Exception as error:  # torch raises RuntimeError / EOFError / KeyError ... on damaged bytes
         raise CheckpointError(describe_unreadable(path, error)) from error
-    return check_repro_checkpoint(obj, path)
+    checked = check_repro_checkpoint(obj, path)
+    verify_checksums(checked, path)
+    return checked
 
 
 def model_file(*, kind: str, model_state: dict[str, torch.Tensor], model_cfg: dict[str, Any],

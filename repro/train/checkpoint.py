@@ -25,7 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from repro.checkpoints.format import CheckpointError, atomic_save, read_checkpoint
+from repro.checkpoints.format import (
+    CheckpointError,
+    atomic_save,
+    read_checkpoint,
+    sweep_stale_temporaries,
+    temporary_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +103,17 @@ def interval_checkpoints(save_dir: Path) -> list[tuple[int, Path]]:
 
 def atomic_copy(source: Path, destination: Path) -> None:
     """Copy through a temporary file in the destination's directory, fsync, rename."""
-    temporary = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
+    handle, name = temporary_file(destination)
+    temporary = Path(name)
     try:
-        with open(source, "rb") as src, open(temporary, "wb") as dst:
+        with open(source, "rb") as src, os.fdopen(handle, "wb") as dst:
             shutil.copyfileobj(src, dst, length=16 * 1024 * 1024)
             dst.flush()
             os.fsync(dst.fileno())
+        os.chmod(temporary, source.stat().st_mode & 0o777)
         os.replace(temporary, destination)
+    except OSError as error:
+        raise CheckpointError(f"{destination}: could not copy {source.name} there: {error}") from error
     finally:
         if temporary.exists():
             temporary.unlink()
@@ -121,6 +131,12 @@ class CheckpointManager:
         self.save_dir = Path(save_dir)
         self.keep_interval_updates = keep_interval_updates
         self.enabled = enabled
+        if enabled:
+            # a writer killed mid-save leaves a temporary as large as a checkpoint: reclaim them on start
+            removed = sweep_stale_temporaries(self.save_dir)
+            if removed:
+                log.info("removed %d temporary file(s) left by killed checkpoint writes in %s",
+                         len(removed), self.save_dir)
 
     def save(self, checkpoint: dict[str, Any], epoch: int, num_updates: int, interval: bool,
              best: bool) -> list[Path]:

@@ -210,10 +210,6 @@ class _AverageMeter:
         self.val, self.sum, self.count = val, val * count, count
 
 
-class _MetersDict(OrderedDict):
-    pass
-
-
 class _FairseqDictionary:
     """Pickles like fairseq.data.dictionary.Dictionary (its __dict__)."""
 
@@ -236,7 +232,7 @@ class _Wav2Vec2Config:
 
 FAKE_FAIRSEQ = {
     "fairseq.dataclass.constants": {"Choices": _Choices},
-    "fairseq.logging.meters": {"AverageMeter": _AverageMeter, "MetersDict": _MetersDict},
+    "fairseq.logging.meters": {"AverageMeter": _AverageMeter},
     "fairseq.data.dictionary": {"Dictionary": _FairseqDictionary},
     "fairseq.models.wav2vec.wav2vec2": {"Wav2Vec2Config": _Wav2Vec2Config},
 }
@@ -368,8 +364,6 @@ def make_dict_cfg_finetuned(directory: Path, with_dictionary: bool = True) -> Ca
     task = dict(_name="audio_finetuning", data="/checkpoint/someone/data/librispeech", labels="ltr",
                 binarized_dataset=False, sample_rate=16000, normalize=True, enable_padding=False,
                 max_sample_size=None, min_sample_size=None, eval_wer=False, autoregressive=False)
-    meters = _MetersDict()
-    meters["loss"] = _AverageMeter(1.5, 10)
     checkpoint = {
         "args": None,
         "cfg": hydra_config(finetune_model, task),
@@ -378,7 +372,12 @@ def make_dict_cfg_finetuned(directory: Path, with_dictionary: bool = True) -> Ca
         "optimizer_history": [{"criterion_name": "CtcCriterion", "optimizer_name": "FairseqAdam",
                                "lr_scheduler_state": {"best": 3.1}, "num_updates": 20000}],
         "task_state": {"target_dictionary": _FairseqDictionary(LETTERS)} if with_dictionary else {},
-        "extra_state": {"epoch": 5, "train_iterator": {"epoch": 5}, "metrics": {"train": [("loss", meters, 0)]},
+        # fairseq's trainer stores metrics.state_dict(): per aggregator (priority, key, meter class
+        # name, meter state) tuples, plain data (fairseq/logging/meters.py MetersDict.state_dict). The
+        # 2019 trainer stored its meter objects themselves ("train_meters"): pickled fairseq classes.
+        "extra_state": {"epoch": 5, "train_iterator": {"epoch": 5},
+                        "metrics": OrderedDict(train=[(0, "loss", "AverageMeter", {"val": 1.5, "sum": 15.0})]),
+                        "train_meters": OrderedDict(train_loss=_AverageMeter(1.5, 10)),
                         "previous_training_time": 5000.0},
     }
     path = save_fairseq(checkpoint, directory / "checkpoint_best.pt")
