@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from repro.config import CONF_DIR, STAGES, register_configs
+from repro.config import CONF_DIR, STAGES, ConfigError, check_ranges, register_configs
 from repro.track import build_tracker
 from repro.track.status import run_stages
 
@@ -68,6 +69,7 @@ def _rewrite_checkpoint_shorthand(argv: list[str]) -> list[str]:
 def run(cfg: DictConfig) -> tuple[int, object]:
     """Run the configured stages in order; return (process exit code, the last stage's result)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+    check_ranges(cfg)  # before anything is submitted, built or written
     stages = [cfg.stage] if cfg.stage else list(cfg.stages)
     try:
         implementations = [(stage, resolve_stage(stage)) for stage in stages]
@@ -110,9 +112,35 @@ def _visible_gpus(cfg: DictConfig) -> int:
 register_configs()
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The project's errors about the user's input (config, files, data, checkpoints): their messages
+    name the key, file or line, so a traceback adds nothing for the user."""
+    from repro.checkpoints.format import CheckpointError
+    from repro.data.audio import AudioError
+    from repro.data.dataset import LabelError
+    from repro.data.dictionary import DictionaryError
+    from repro.data.librispeech import TranscriptError
+    from repro.data.manifest import ManifestError
+    from repro.data.synth import CorpusError
+    from repro.decode.evaluate import EvaluationError
+    from repro.decode.lexicon import LexiconError
+    from repro.models.transformer_lm import TransformerLMError
+    from repro.train.trainer import TrainingDiverged
+
+    return (ConfigError, FileNotFoundError, CheckpointError, AudioError, LabelError, DictionaryError, TranscriptError,
+            ManifestError, CorpusError, EvaluationError, LexiconError, TransformerLMError, TrainingDiverged)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    code, result = run(cfg)
+    try:
+        code, result = run(cfg)
+    except Exception as error:
+        # one line, as the tools print; HYDRA_FULL_ERROR=1 keeps Hydra's full traceback for debugging
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(error, user_errors()):
+            raise
+        print(f"repro: {error}", file=sys.stderr)
+        sys.exit(1)
     if code:
         sys.exit(code)
     # a Bayesian sweeper (Optuna) minimises what the task function returns

@@ -13,20 +13,112 @@ says otherwise.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 # Feature-extractor stacks, written as fairseq writes them (a Python list literal of tuples).
 WAV2VEC2_CONV_LAYERS = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"
 
 
+class ConfigError(ValueError):
+    """A configuration value the run cannot use; the message names the key(s)."""
+
+
+# --- value ranges ---------------------------------------------------------------------------------
+# Fields declare their valid range beside their default; `check_ranges` enforces them on the
+# composed config before anything runs (OmegaConf checks types only). None (= unset) always passes.
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def _ranged(default: Any, valid: Range) -> Any:
+    """A dataclass field with `default` (a list default gets a factory) and its valid range."""
+    metadata = {"range": valid}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def probability(default: Any) -> Any:
+    """A rate in [0, 1] (dropout, masking probability, phase fraction)."""
+    return _ranged(default, Range(0.0, 1.0))
+
+
+def fraction(default: Any) -> Any:
+    """In [0, 1) (Adam betas)."""
+    return _ranged(default, Range(0.0, 1.0, high_open=True))
+
+
+def positive(default: Any) -> Any:
+    """> 0 (sizes, counts of at least one, learning rates)."""
+    return _ranged(default, Range(0.0, low_open=True))
+
+
+def non_negative(default: Any) -> Any:
+    """>= 0 (counts that may be zero, weights)."""
+    return _ranged(default, Range(0.0))
+
+
+def range_violations(schema: type, node: Any, prefix: str = "") -> list[str]:
+    """'key=value: must be <range>' for every value of `node` outside its field's declared range.
+
+    Walks nested dataclass fields; list values are checked element by element.
+    """
+    problems = []
+    hints = get_type_hints(schema)
+    for spec in dataclasses.fields(schema):
+        key = f"{prefix}{spec.name}"
+        if spec.name not in node or OmegaConf.is_missing(node, spec.name):
+            continue
+        value = node[spec.name]
+        if isinstance(value, DictConfig) and dataclasses.is_dataclass(hints[spec.name]):
+            problems += range_violations(hints[spec.name], value, key + ".")
+            continue
+        valid = spec.metadata.get("range")
+        if valid is None or value is None:
+            continue
+        for index, item in enumerate(value if isinstance(value, ListConfig | list) else [value]):
+            if isinstance(item, int | float) and not isinstance(item, bool) and item not in valid:
+                where = f"{key}[{index}]" if isinstance(value, ListConfig | list) else key
+                problems.append(f"{where}={item}: must be {valid}")
+    return problems
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every out-of-range value of the composed config (decodings too)."""
+    problems = range_violations(ReproConfig, cfg)
+    for name, setup in (cfg.get("decodings") or {}).items():  # overrides of `decode`, one per setup
+        if isinstance(setup, DictConfig):
+            problems += range_violations(DecodeConfig, setup, f"decodings.{name}.")
+    if problems:
+        raise ConfigError("invalid config value(s):\n  " + "\n  ".join(problems))
+
+
 @dataclass
 class CommonConfig:
-    seed: int = 1
+    seed: int= non_negative(1)
     """Global seed; masks and negatives derive theirs from it, the update count and the rank."""
     cpu: bool = False
     """Run on CPU even when a GPU is visible."""
@@ -34,13 +126,13 @@ class CommonConfig:
     """Mixed precision with float16 and dynamic loss scaling (fairseq's FP16Optimizer semantics)."""
     bf16: bool = False
     """Mixed precision with bfloat16 (no loss scaling needed)."""
-    fp16_init_scale: int = 128
+    fp16_init_scale: int= positive(128)
     """Initial loss scale for fp16 (fairseq: 2**7)."""
-    fp16_scale_window: int | None = None
+    fp16_scale_window: int | None= positive(None)
     """Updates without overflow before the scale doubles; None = 2**14 / world_size / update_freq."""
-    min_loss_scale: float = 1e-4
+    min_loss_scale: float= positive(1e-4)
     """Stop training when the fp16 loss scale falls below this (persistent overflow / NaN)."""
-    log_interval: int = 100
+    log_interval: int= positive(100)
     """Log training metrics every N updates."""
     log_format: str | None = None
     """'tqdm' (progress bar), 'json' (JSON lines) or None (tqdm on a terminal, json otherwise)."""
@@ -61,21 +153,21 @@ class CommonEvalConfig:
 
 @dataclass
 class DatasetConfig:
-    num_workers: int = 1
+    num_workers: int= non_negative(1)
     """DataLoader worker processes (the 2-core default keeps one core for the model)."""
-    max_tokens: int | None = 1_400_000
+    max_tokens: int | None= positive(1_400_000)
     """Max audio samples per GPU batch (sum over the batch of the padded/cropped length)."""
-    batch_size: int | None = None
+    batch_size: int | None= positive(None)
     """Max utterances per batch (None = bounded by max_tokens only)."""
-    required_batch_size_multiple: int = 8
+    required_batch_size_multiple: int= positive(8)
     """Batch sizes are rounded down to a multiple of this when possible (fairseq batch_by_size)."""
     train_subset: str = "train"
     """Manifest split used for training (`<task.data>/<train_subset>.tsv`)."""
     valid_subset: str = "valid"
     """Comma-separated manifest splits used for validation."""
-    validate_interval_updates: int = 0
+    validate_interval_updates: int= non_negative(0)
     """Validate every N updates (0 = only at the end)."""
-    validate_after_updates: int = 0
+    validate_after_updates: int= non_negative(0)
     """Do not validate before this many updates."""
     disable_validation: bool = False
     """Skip validation entirely."""
@@ -91,15 +183,15 @@ class TaskConfig:
     """Directory holding `<split>.tsv` manifests (and `<split>.ltr`, `dict.ltr.txt` for fine-tuning)."""
     labels: str | None = None
     """Label file extension for fine-tuning ('ltr'); None for pretraining."""
-    sample_rate: int = 16_000
+    sample_rate: int= positive(16_000)
     """Expected sample rate; other rates are an error (fairseq does not resample)."""
     normalize: bool = False
     """Zero-mean unit-variance normalize each waveform (True for LARGE LV-60 / layer_norm extractors)."""
     enable_padding: bool = False
     """Pad instead of crop in pretraining batches."""
-    max_sample_size: int | None = None
+    max_sample_size: int | None= positive(None)
     """Crop longer utterances to this many samples (random offset)."""
-    min_sample_size: int | None = None
+    min_sample_size: int | None= non_negative(None)
     """Drop utterances shorter than this many samples (labels skip the same rows)."""
     eval_wer: bool = False
     """Compute WER during validation (fine-tuning)."""
@@ -122,89 +214,89 @@ class ModelConfig:
     """Conv blocks as a list of (channels, kernel, stride)."""
     conv_bias: bool = False
     """Bias in the feature-extractor convolutions."""
-    feature_grad_mult: float = 1.0
+    feature_grad_mult: float= non_negative(1.0)
     """Scale of gradients into the feature extractor (0 = frozen, run under no_grad)."""
     # --- transformer ----------------------------------------------------------------------
-    encoder_layers: int = 12
+    encoder_layers: int= positive(12)
     """Number of Transformer layers."""
-    encoder_embed_dim: int = 768
+    encoder_embed_dim: int= positive(768)
     """Transformer model dimension D."""
-    encoder_ffn_embed_dim: int = 3072
+    encoder_ffn_embed_dim: int= positive(3072)
     """Feed-forward inner dimension."""
-    encoder_attention_heads: int = 12
+    encoder_attention_heads: int= positive(12)
     """Attention heads."""
     activation_fn: str = "gelu"
     """Feed-forward activation."""
     layer_norm_first: bool = False
     """Pre-LN Transformer (LARGE LV-60); False = post-LN (BASE, LARGE)."""
-    conv_pos: int = 128
+    conv_pos: int= positive(128)
     """Kernel size of the convolutional relative positional embedding."""
-    conv_pos_groups: int = 16
+    conv_pos_groups: int= positive(16)
     """Groups of the positional convolution."""
-    required_seq_len_multiple: int = 2
+    required_seq_len_multiple: int= positive(2)
     """Pad the frame sequence to a multiple of this inside the encoder (numerically neutral)."""
     # --- dropouts ---------------------------------------------------------------------------
-    dropout: float = 0.1
+    dropout: float= probability(0.1)
     """Dropout in the Transformer (residual branches and encoder input)."""
-    attention_dropout: float = 0.1
+    attention_dropout: float= probability(0.1)
     """Dropout on attention probabilities."""
-    activation_dropout: float = 0.0
+    activation_dropout: float= probability(0.0)
     """Dropout after the feed-forward activation."""
-    encoder_layerdrop: float = 0.0
+    encoder_layerdrop: float= probability(0.0)
     """LayerDrop probability (pretraining name)."""
-    dropout_input: float = 0.0
+    dropout_input: float= probability(0.0)
     """Dropout on the projected features before masking."""
-    dropout_features: float = 0.0
+    dropout_features: float= probability(0.0)
     """Dropout on the unmasked features used as targets."""
     # --- quantizer and contrastive task ----------------------------------------------------
-    final_dim: int = 0
+    final_dim: int= non_negative(0)
     """Dimension of the contrastive space (0 = encoder_embed_dim)."""
-    logit_temp: float = 0.1
+    logit_temp: float= positive(0.1)
     """Temperature kappa of the cosine logits."""
     quantize_targets: bool = False
     """Quantize the targets with the Gumbel product quantizer."""
-    latent_vars: int = 320
+    latent_vars: int= positive(320)
     """Codebook entries per group (V)."""
-    latent_groups: int = 2
+    latent_groups: int= positive(2)
     """Codebook groups (G)."""
-    latent_dim: int = 0
+    latent_dim: int= non_negative(0)
     """Quantized vector dimension (0 = final_dim)."""
-    latent_temp: list[float] = field(default_factory=lambda: [2.0, 0.5, 0.999995])
+    latent_temp: list[float]= positive([2.0, 0.5, 0.999995])
     """Gumbel temperature (start, end, decay per update)."""
-    num_negatives: int = 100
+    num_negatives: int= non_negative(100)
     """Distractors drawn from other masked frames of the same utterance."""
-    cross_sample_negatives: int = 0
+    cross_sample_negatives: int= non_negative(0)
     """Distractors drawn from any masked frame of the batch."""
-    codebook_negatives: int = 0
+    codebook_negatives: int= non_negative(0)
     """Distractors drawn from the codebook (unused by the papers)."""
     negatives_from_everywhere: bool = False
     """Draw negatives from all frames, not only masked ones (unused by the papers)."""
     # --- masking ------------------------------------------------------------------------------
-    mask_length: int = 10
+    mask_length: int= positive(10)
     """Span length M of time masks."""
-    mask_prob: float = 0.65
+    mask_prob: float= probability(0.65)
     """Span-start rate times mask_length (fairseq semantics: about 49% of frames at 0.65)."""
     mask_selection: str = "static"
     """Span length distribution (only 'static' is used by the papers)."""
-    mask_other: float = 0.0
+    mask_other: float= non_negative(0.0)
     """Secondary parameter of non-static span length distributions."""
     no_mask_overlap: bool = False
     """Forbid overlapping spans (unused by the papers)."""
-    mask_min_space: int = 1
+    mask_min_space: int= non_negative(1)
     """Minimum space between spans when no_mask_overlap."""
     require_same_masks: bool = True
     """Cut every row down to the batch minimum number of masked frames."""
-    mask_dropout: float = 0.0
+    mask_dropout: float= probability(0.0)
     """Fraction of masked frames un-masked again at random."""
-    mask_channel_length: int = 10
+    mask_channel_length: int= positive(10)
     """Span length of channel masks."""
-    mask_channel_prob: float = 0.0
+    mask_channel_prob: float= probability(0.0)
     """Channel-mask span-start rate times mask_channel_length."""
     mask_channel_before: bool = False
     """Apply the channel mask before the time mask."""
     mask_channel_selection: str = "static"
     """Channel-mask span length distribution."""
-    mask_channel_other: float = 0.0
+    mask_channel_other: float= non_negative(0.0)
     """Secondary parameter of the channel-mask distribution."""
     no_mask_channel_overlap: bool = False
     """Forbid overlapping channel spans."""
@@ -215,11 +307,11 @@ class ModelConfig:
     """Start the CTC encoder from random weights (the 'no pretraining' baseline)."""
     apply_mask: bool = False
     """Apply time/channel masks while fine-tuning (SpecAugment-like)."""
-    final_dropout: float = 0.0
+    final_dropout: float= probability(0.0)
     """Dropout before the CTC projection."""
-    layerdrop: float = 0.0
+    layerdrop: float= probability(0.0)
     """LayerDrop while fine-tuning (replaces encoder_layerdrop of the pretrained config)."""
-    freeze_finetune_updates: int = 0
+    freeze_finetune_updates: int= non_negative(0)
     """Only the CTC projection trains for this many updates."""
     normalize: bool | None = None
     """Waveform normalization of the pretrained model (None = take task.normalize)."""
@@ -231,7 +323,7 @@ class CriterionConfig:
     """'wav2vec' (contrastive) or 'ctc'."""
     infonce: bool = True
     """Cross-entropy over (positive, distractors) instead of binary cross-entropy (wav2vec v1)."""
-    loss_weights: list[float] | None = None
+    loss_weights: list[float] | None= non_negative(None)
     """Weights of the extra losses: [diversity, feature penalty]."""
     log_keys: list[str] = field(default_factory=lambda: ["prob_perplexity", "code_perplexity", "temp"])
     """Model outputs copied into the logged metrics."""
@@ -243,15 +335,15 @@ class CriterionConfig:
 
 @dataclass
 class OptimizationConfig:
-    max_update: int = 0
+    max_update: int= non_negative(0)
     """Stop after this many updates (0 = no limit)."""
-    max_epoch: int = 0
+    max_epoch: int= non_negative(0)
     """Stop after this many epochs (0 = no limit)."""
-    lr: list[float] = field(default_factory=lambda: [0.0005])
+    lr: list[float]= positive([0.0005])
     """Peak learning rate (a list, as fairseq stores it)."""
-    update_freq: list[int] = field(default_factory=lambda: [1])
+    update_freq: list[int]= positive([1])
     """Gradient accumulation steps per update."""
-    clip_norm: float = 0.0
+    clip_norm: float= non_negative(0.0)
     """Gradient-norm clipping threshold (0 = off, fairseq's default)."""
     sentence_avg: bool = False
     """Normalize the loss per utterance instead of per token (CTC recipes: True)."""
@@ -263,11 +355,11 @@ class OptimizationConfig:
 class OptimizerConfig:
     _name: str = "adam"
     """Optimizer; only fairseq's Adam (decoupled weight decay) is used by the papers."""
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    adam_betas: list[float]= fraction([0.9, 0.98])
     """Adam (beta1, beta2)."""
-    adam_eps: float = 1e-6
+    adam_eps: float= non_negative(1e-6)
     """Adam epsilon, added to sqrt(v) before bias correction (fairseq)."""
-    weight_decay: float = 0.01
+    weight_decay: float= non_negative(0.01)
     """Decoupled weight decay applied to every parameter."""
 
 
@@ -275,27 +367,27 @@ class OptimizerConfig:
 class LrSchedulerConfig:
     _name: str = "polynomial_decay"
     """'polynomial_decay', 'tri_stage', 'cosine' or 'fixed'."""
-    warmup_updates: int = 32_000
+    warmup_updates: int= non_negative(32_000)
     """Linear warmup updates (polynomial_decay, cosine)."""
-    end_learning_rate: float = 0.0
+    end_learning_rate: float= non_negative(0.0)
     """polynomial_decay: learning rate at total_num_update."""
-    power: float = 1.0
+    power: float= positive(1.0)
     """polynomial_decay: decay exponent."""
-    total_num_update: int | None = None
+    total_num_update: int | None= positive(None)
     """polynomial_decay: updates to reach end_learning_rate (None = optimization.max_update)."""
-    phase_ratio: list[float] | None = field(default_factory=lambda: [0.1, 0.4, 0.5])
+    phase_ratio: list[float] | None= probability([0.1, 0.4, 0.5])
     """tri_stage: warmup / hold / decay fractions of max_update."""
-    init_lr_scale: float = 0.01
+    init_lr_scale: float= non_negative(0.01)
     """tri_stage: initial learning rate as a fraction of the peak."""
-    final_lr_scale: float = 0.05
+    final_lr_scale: float= non_negative(0.05)
     """tri_stage: final learning rate as a fraction of the peak."""
     warmup_init_lr: float = 1e-7
     """cosine: learning rate at update 0."""
-    min_lr: float = 1e-6
+    min_lr: float= non_negative(1e-6)
     """cosine: floor of the cosine."""
-    lr_period_updates: int | None = None
+    lr_period_updates: int | None= positive(None)
     """cosine: period (None = max_update - warmup_updates)."""
-    lr_shrink: float = 0.1
+    lr_shrink: float= positive(0.1)
     """cosine: factor applied to the amplitude after each period."""
 
 
@@ -303,7 +395,7 @@ class LrSchedulerConfig:
 class CheckpointConfig:
     save_dir: str = "checkpoints"
     """Directory (relative to the run directory) for checkpoints."""
-    save_interval_updates: int = 0
+    save_interval_updates: int= non_negative(0)
     """Save an interval checkpoint every N updates (0 = only last/best at validation)."""
     keep_interval_updates: int = 3
     """Keep the last k interval checkpoints (-1 = all)."""
@@ -319,11 +411,11 @@ class CheckpointConfig:
 
 @dataclass
 class DistributedTrainingConfig:
-    distributed_world_size: int = 1
+    distributed_world_size: int= positive(1)
     """Number of processes (GPUs) training together."""
     distributed_backend: str | None = None
     """'nccl' or 'gloo' (None = nccl on GPU, gloo on CPU)."""
-    paper_world_size: int | None = None
+    paper_world_size: int | None= positive(None)
     """GPUs of the original run; update_freq is scaled so that the effective batch is the paper's."""
 
 
@@ -339,19 +431,19 @@ class ClusterConfig:
     """SLURM quality of service."""
     constraint: str | None = None
     """SLURM node constraint (e.g. 'volta32gb')."""
-    timeout_min: int = 4320
+    timeout_min: int= positive(4320)
     """Job time limit in minutes; the job checkpoints and requeues before it."""
-    nodes: int = 1
+    nodes: int= positive(1)
     """Nodes per job."""
-    gpus_per_node: int = 0
+    gpus_per_node: int= non_negative(0)
     """GPUs per node (one task per GPU)."""
-    cpus_per_task: int = 2
+    cpus_per_task: int= positive(2)
     """CPUs per task."""
-    mem_gb: int | None = None
+    mem_gb: int | None= positive(None)
     """Memory per node in GB."""
     gpu_type: str | None = None
     """Informational GPU type for compute accounting ('V100', 'A100', 'H100')."""
-    max_num_timeout: int = 20
+    max_num_timeout: int= non_negative(20)
     """How many times a preempted or timed-out job is requeued."""
 
 
@@ -403,13 +495,13 @@ class DecodeConfig:
     """Silence insertion score."""
     unk_weight: float = float("-inf")
     """Unknown-word score."""
-    beam: int = 500
+    beam: int= positive(500)
     """Beam size."""
-    beam_threshold: float = 25.0
+    beam_threshold: float= non_negative(25.0)
     """Prune hypotheses scoring this much below the best."""
-    beam_size_token: int = 100
+    beam_size_token: int= positive(100)
     """Tokens considered per frame."""
-    nbest: int = 1
+    nbest: int= positive(1)
     """Hypotheses returned."""
 
 
@@ -445,13 +537,13 @@ class DemoConfig:
 
     corpus_dir: str = "data/synthetic"
     """Where the synthetic corpus is written (reused when it already exists with the same size/seed)."""
-    corpus_hours: float = 1.0
+    corpus_hours: float= positive(1.0)
     """Total hours of synthetic speech over all splits."""
-    corpus_seed: int = 0
+    corpus_seed: int= non_negative(0)
     """Seed of the synthetic corpus (same seed, same bytes)."""
-    pretrain_updates: int = 600
+    pretrain_updates: int= positive(600)
     """Pretraining updates of the tiny model."""
-    finetune_updates: int = 400
+    finetune_updates: int= positive(400)
     """Fine-tuning updates per labeled split."""
     splits: list[str] = field(default_factory=lambda: ["10m", "1h", "10h"])
     """Labeled splits fine-tuned (Libri-light analogues)."""

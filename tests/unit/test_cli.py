@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from repro.cli import (
     _rewrite_checkpoint_shorthand,
     resolve_stage,
 )
-from repro.config import ReproConfig, register_configs
+from repro.config import ConfigError, ReproConfig, check_ranges, register_configs
 from repro.tools.__main__ import main as tools_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +58,42 @@ def test_unknown_key_and_unknown_experiment_are_errors(compose_config):
     assert "not in 'ModelConfig'" in str(excinfo.value.__cause__)
     with pytest.raises(Exception, match="no_such_row"):
         compose_config(["experiment=no_such_row"])
+
+
+def test_out_of_range_values_are_refused_naming_each_key(compose_config):
+    cfg = compose_config(["experiment=demo", "model.mask_prob=1.5", "dataset.max_tokens=-4", "optimization.lr=[-0.1]",
+                          "model.dropout=0.3", "optimizer.adam_betas=[0.9,1.0]"])
+    with pytest.raises(ConfigError) as excinfo:
+        check_ranges(cfg)
+    message = str(excinfo.value)
+    for expected in ("model.mask_prob=1.5: must be in [0, 1]", "dataset.max_tokens=-4: must be > 0",
+                     "optimization.lr[0]=-0.1: must be > 0", "optimizer.adam_betas[1]=1.0: must be in [0, 1)"):
+        assert expected in message
+    assert "model.dropout" not in message  # in range
+    check_ranges(compose_config(["experiment=demo", "dataset.batch_size=null"]))  # unset optional values pass
+
+
+def test_app_refuses_an_out_of_range_value_before_anything_runs(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_repro("experiment=demo", "stage=pretrain", "model.mask_prob=1.5", f"task.data={tmp_path}/none",
+                       f"hydra.run.dir={run_dir}", "tracker.backends=[]", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "repro: invalid config value(s):\n  model.mask_prob=1.5: must be in [0, 1]" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "status.json").exists()
+
+
+def test_user_errors_print_one_line_unless_hydra_full_error(tmp_path):
+    arguments = ("experiment=demo", "stage=evaluate", f"checkpoint={tmp_path}/missing.pt", "tracker.backends=[]",
+                 f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_repro(*arguments, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"repro: checkpoint {tmp_path}/missing.pt does not exist (set common_eval.path / checkpoint=PATH)"]
+    traced = subprocess.run([sys.executable, "-m", "repro", *arguments], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert traced.returncode == 1
+    assert "Traceback (most recent call last)" in traced.stderr and "EvaluationError" in traced.stderr
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):

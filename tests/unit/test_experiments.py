@@ -15,7 +15,7 @@ from conftest import require
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from repro.config import register_configs
+from repro.config import check_ranges, register_configs
 from repro.launch import preemption, slurm
 from repro.launch.plan import derive_update_freq, effective_batch_samples, plan_launch, world_size
 from repro.report.paper import load_paper_rows
@@ -209,6 +209,11 @@ def test_plan_on_a_v100_node_keeps_the_base_batch():
     assert plan.estimated_jobs == math.ceil(64 * 72 / 8 * 60 / 4320)
     local = plan_launch(compose_experiment("base_pretrain"), environ={"WORLD_SIZE": "2"})
     assert (local.cluster, local.world_size, local.update_freq) == ("local", 2, 32)
+
+
+def test_every_experiment_passes_the_range_checks(composed):
+    for cfg in composed.values():
+        check_ranges(cfg)
 
 
 def _dry_run_a100_two_nodes() -> str:
