@@ -49,6 +49,12 @@ def default_tracking_uri(root: str | Path) -> str:
     return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+def sqlite_store_path(tracking_uri: str) -> Path | None:
+    """The database file of an embedded `sqlite:///` store (None for a server)."""
+    prefix = "sqlite:///"
+    return Path(tracking_uri[len(prefix):]) if tracking_uri.startswith(prefix) else None
+
+
 def default_artifact_location(root: str | Path) -> str:
     return (Path(root).resolve() / "mlartifacts").as_uri()
 
@@ -169,6 +175,9 @@ class MlflowTracker:
 
     start_timeout_s = 5.0
     """How long the constructor waits for the run to be created or resumed before going on."""
+    first_start_timeout_s = 120.0
+    """The same wait when the embedded store does not exist yet: MLflow first creates its tables
+    (about 10 s on a busy 2-core machine; nothing is down)."""
     flush_timeout_s = 30.0
     """How long `finish` waits for the queue to drain; what is left is for `sync-runs`."""
     max_queued_metrics = 200_000
@@ -205,8 +214,37 @@ class MlflowTracker:
         self._run_ready = threading.Event()
         self._client: MlflowClient | None = None
         self._thread = threading.Thread(target=self._work, name="repro-mlflow", daemon=True)
+        self._start_and_wait()
+
+    def _start_and_wait(self) -> None:
+        """Start the sender and wait (bounded) for the run to be opened, saying what takes the time.
+
+        The first start of the embedded sqlite store creates MLflow's tables (~10 s): it is timed and
+        announced, not reported as an outage. A store that fails outright ends the wait at once (the
+        sender has already warned)."""
+        embedded_store = sqlite_store_path(self.tracking_uri)
+        creating_store = embedded_store is not None and not (embedded_store.exists() and embedded_store.stat().st_size)
+        if creating_store:
+            log.info("MLflow: creating the embedded store %s (first start only: MLflow sets up its tables)",
+                     embedded_store)
+        started = time.monotonic()
+        deadline = started + (self.first_start_timeout_s if creating_store else self.start_timeout_s)
         self._thread.start()
-        if not self._run_ready.wait(self.start_timeout_s):
+        while not self._run_ready.wait(0.05):
+            if self._warned_down:
+                return
+            if time.monotonic() >= deadline:
+                break
+        if self._run_ready.is_set():
+            if creating_store:
+                log.info("MLflow: embedded store ready in %.1f s", time.monotonic() - started)
+        elif embedded_store is not None:  # a local file: slow, not down
+            log.warning(
+                "MLflow's embedded store %s is still %s after %.0f s; training goes on, metrics wait in a "
+                "queue and in metrics.jsonl", embedded_store,
+                "creating its tables" if creating_store else "opening", time.monotonic() - started,
+            )
+        else:
             log.warning(
                 "MLflow (%s) did not answer within %.0f s; training goes on, metrics wait in a queue "
                 "and in metrics.jsonl", self.tracking_uri, self.start_timeout_s,

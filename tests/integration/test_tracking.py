@@ -445,6 +445,33 @@ def test_sync_runs_creates_run_in_embedded_store(tmp_path):
     assert sync_run_dir(run_dir)["logged_metrics"] == 0
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:mlflow.*")
+def test_first_start_of_embedded_store_is_announced_not_an_outage(tmp_path, monkeypatch, caplog):
+    """Creating the sqlite store's tables takes seconds: said and timed, never "did not answer"."""
+    from repro.track.context import build_context
+    from repro.track.mlflow import MlflowTracker
+
+    monkeypatch.setattr(MlflowTracker, "start_timeout_s", 0.0)  # any wait for a store that exists times out
+    store = (tmp_path / "runs" / "mlflow.db").resolve()
+    for name in ("t1_row", "t1_other"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    with caplog.at_level(logging.INFO, logger="repro.track"):
+        first = MlflowTracker(build_context(make_cfg(tmp_path, ["mlflow"]), tmp_path / "runs" / "t1_row"))
+    first.finish()
+    messages = [record.getMessage() for record in caplog.records]
+    assert f"MLflow: creating the embedded store {store} (first start only: MLflow sets up its tables)" in messages
+    assert any(message.startswith("MLflow: embedded store ready in ") for message in messages), messages
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING], messages
+    assert first.run_ids()["mlflow"]
+
+    caplog.clear()  # the store exists now: a slow open is named as such, still not as an outage
+    with caplog.at_level(logging.INFO, logger="repro.track"):
+        second = MlflowTracker(build_context(make_cfg(tmp_path, ["mlflow"]), tmp_path / "runs" / "t1_other"))
+    second.finish()
+    messages = [record.getMessage() for record in caplog.records]
+    assert not any("creating" in message or "did not answer" in message for message in messages), messages
+
+
 # ---- the real trainer -----------------------------------------------------------------------------
 @pytest.mark.mlflow_server
 def test_tiny_pretraining_against_server(mlflow_server, tmp_path):
