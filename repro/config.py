@@ -317,6 +317,94 @@ class ModelConfig:
     """Waveform normalization of the pretrained model (None = take task.normalize)."""
 
 
+# The 2019 wav2vec stacks (Schneider et al. §2; fairseq examples/wav2vec/README.md).
+WAV2VEC_CONV_LAYERS_2019 = "[(512, 10, 5)] + [(512, 8, 4)] + [(512, 4, 2)] * 3"
+WAV2VEC_AGGREGATOR_LAYERS_2019 = "[(512, 3, 1)] * 9"
+
+
+@dataclass
+class Wav2VecConfig(ModelConfig):
+    """wav2vec (Schneider et al. 2019) and vq-wav2vec (Baevski et al. 2019): fairseq arch `wav2vec`.
+
+    Defaults are those of the 2019 code that trained the released files (fairseq 3335de5f,
+    `base_wav2vec_architecture`), not today's `Wav2VecConfig`, which turned `skip_connections_agg` and
+    `log_compression` on, `num_negatives` to 10 and lengthened both conv stacks; the experiment rows
+    set every README value explicitly. Only the fields declared here belong to the model
+    (`WAV2VEC_FIELDS`); it subclasses ModelConfig solely because OmegaConf merges only a subclass into
+    the typed `model` node, and the inherited wav2vec 2.0 fields are ignored.
+    """
+
+    _name: str = "wav2vec"
+    """Always 'wav2vec' (wav2vec and vq-wav2vec share fairseq's arch)."""
+    prediction_steps: int = 12
+    """Number of future frames predicted (one ConvTranspose2d output per step)."""
+    sample_distance: int | None = None
+    """Negatives only from the first `sample_distance` frames (unsupported: only None)."""
+    cross_sample_negatives: int = 0
+    """Negatives from other utterances of the batch (unsupported: only 0, as every release)."""
+    num_negatives: int = 1
+    """Negatives per prediction, drawn from the same utterance (README commands: 10)."""
+    conv_feature_layers: str = WAV2VEC_CONV_LAYERS_2019
+    """Feature-extractor conv blocks (channels, kernel, stride)."""
+    conv_aggregator_layers: str = WAV2VEC_AGGREGATOR_LAYERS_2019
+    """Context-network conv blocks (channels, kernel, stride=1), causally padded."""
+    dropout: float = 0.0
+    """Dropout inside the aggregator blocks and on the step predictions."""
+    dropout_features: float = 0.0
+    """Dropout on the features before the aggregator."""
+    dropout_agg: float = 0.0
+    """Dropout on the aggregator output."""
+    aggregator: str = "cnn"
+    """'cnn' (the GRU variant is not built: no released file uses it)."""
+    gru_dim: int = 512
+    """GRU aggregator width (unused: aggregator must be 'cnn')."""
+    no_conv_bias: bool = False
+    """No bias in the aggregator convolutions."""
+    agg_zero_pad: bool = False
+    """Pad the aggregator with zeros instead of replicating the first frame."""
+    skip_connections_feat: bool = False
+    """Residual connections in the feature extractor (where channels match)."""
+    skip_connections_agg: bool = False
+    """Residual connections in the aggregator (README commands: on)."""
+    residual_scale: float = 0.5
+    """Residual sums are scaled by sqrt(residual_scale)."""
+    log_compression: bool = False
+    """log(|z| + 1) on the features (wav2vec_large: on; vq-wav2vec: off, the README command omits it)."""
+    balanced_classes: bool = False
+    """Weight negatives 1/num_negatives in the BCE loss."""
+    project_features: str = "none"
+    """Targets through the aggregator: 'none', 'same' (shared) or 'new' (a second aggregator)."""
+    non_affine_group_norm: bool = False
+    """GroupNorm without learned scale and shift."""
+    offset: str = "auto"
+    """Frames between a context frame and its first target; 'auto' = ceil(receptive field / stride)."""
+    activation: str = "relu"
+    """'relu' (wav2vec) or 'gelu' (vq-wav2vec README)."""
+    vq_type: str = "none"
+    """'none' (wav2vec), 'gumbel' or 'kmeans' (vq-wav2vec)."""
+    vq_vars: int = 320
+    """Code vectors per group."""
+    vq_groups: int = 2
+    """Groups of code vectors (one index per group and frame)."""
+    vq_dim: int = 0
+    """Quantized vector dimension; 0 = the feature dimension."""
+    vq_depth: int = 1
+    """Layers of the Gumbel logit projection (README: 2)."""
+    combine_groups: bool = False
+    """Groups share one set of code vectors (README: on)."""
+    vq_temp: list[float] = field(default_factory=lambda: [2.0, 0.5, 0.999995])
+    """Gumbel temperature (start, end, decay per update): max(start * decay**update, end)."""
+    vq_gamma: float = 0.25
+    """k-means commitment weight: kmeans_loss = MSE(zq, sg(ze)) + gamma * MSE(ze, sg(zq))."""
+    negatives_as_fairseq: bool = True
+    """Ours: sample negatives as fairseq's code does (its exclusion of the positive is misaligned, so about
+    1/T of them equal the positive; the released models were trained so). False = the intended sampling."""
+
+
+WAV2VEC_FIELDS = tuple(name for name in Wav2VecConfig.__annotations__)
+"""The fields of the wav2vec / vq-wav2vec model (what its checkpoints store)."""
+
+
 @dataclass
 class CriterionConfig:
     _name: str = "wav2vec"

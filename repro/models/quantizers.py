@@ -1,10 +1,16 @@
-"""Gumbel-softmax product quantizer (fairseq_spec.md §1.6; vq-wav2vec variant §8.5)."""
+"""Product quantizers: Gumbel softmax (wav2vec 2.0 §1.6, vq-wav2vec §8.5) and k-means (vq-wav2vec §8.5).
+
+Both map features to G groups of V code vectors, expose `forward_idx(x) -> (quantized, codes (B, T, G))`
+and log `code_perplexity` (the perplexity of the hard code choices, summed over groups).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from repro.models.layers import Fp32GroupNorm
 
 
 def perplexity(probs: torch.Tensor) -> torch.Tensor:
@@ -102,7 +108,7 @@ class GumbelVectorQuantizer(nn.Module):
         with torch.no_grad():
             codes = logits.argmax(dim=-1)  # (B*T, G)
             hard = F.one_hot(codes, self.num_vars).to(logits.dtype)
-            result["code_perplexity"] = perplexity(hard.float())
+            result["code_perplexity"] = one_hot_perplexity(codes, self.num_vars)
         result["prob_perplexity"] = perplexity(torch.softmax(logits.float(), dim=-1))
         result["temp"] = self.curr_temp
 
@@ -121,6 +127,84 @@ class GumbelVectorQuantizer(nn.Module):
         if not self.time_first:
             out = out.transpose(1, 2)
         result["x"] = out
+        return result
+
+    def forward_idx(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(quantized x, group-local code indices (B, T, G)) — used for vq-wav2vec tokenization."""
+        res = self.forward(x, produce_targets=True)
+        return res["x"], res["targets"]  # type: ignore[return-value]
+
+
+def one_hot_perplexity(codes: torch.Tensor, num_vars: int) -> torch.Tensor:
+    """`perplexity` of hard choices; codes: (frames, groups) indices in [0, num_vars)."""
+    return perplexity(F.one_hot(codes, num_vars).float())
+
+
+class KmeansVectorQuantizer(nn.Module):
+    """vq-wav2vec's k-means quantizer (Baevski et al. 2019 §3.2; fairseq kmeans_vector_quantizer.py).
+
+    ze = GroupNorm(G groups)(grouped 1x1 conv(z)); per group the nearest of V code vectors (Euclidean)
+    replaces it. The output carries zq forward and the gradient of ze backward (straight-through), and
+    `kmeans_loss = MSE(zq, sg(ze)) + gamma * MSE(ze, sg(zq))`, which equals (1 + gamma) * MSE(ze, zq) in
+    value. Parameters are fairseq's: `embedding` (V, G or 1, vq_dim/G) ~ 0.01 N(0, 1) and `projection`
+    = Sequential(Conv1d(dim, dim, 1, groups=G, bias=False), Fp32GroupNorm(G, dim)).
+    """
+
+    def __init__(self, dim: int, num_vars: int, groups: int, combine_groups: bool, vq_dim: int,
+                 time_first: bool = False, gamma: float = 0.25) -> None:
+        super().__init__()
+        if vq_dim % groups != 0:
+            raise ValueError(f"vq_dim {vq_dim} must be divisible by groups {groups} for concatenation")
+        if vq_dim != dim:
+            # fairseq views the projected (dim) features as (groups, vq_dim/groups): they must agree.
+            raise ValueError(f"the k-means quantizer needs vq_dim == feature dim, got {vq_dim} vs {dim}")
+        self.groups = groups
+        self.combine_groups = combine_groups
+        self.input_dim = dim
+        self.num_vars = num_vars
+        self.vq_dim = vq_dim
+        self.time_first = time_first
+        self.var_dim = vq_dim // groups
+        self.gamma = gamma
+        self.embedding = nn.Parameter(0.01 * torch.randn(num_vars, 1 if combine_groups else groups, self.var_dim))
+        self.projection = nn.Sequential(
+            nn.Conv1d(dim, dim, kernel_size=1, groups=groups, bias=False), Fp32GroupNorm(groups, dim)
+        )
+
+    def codebook(self) -> torch.Tensor:
+        """(groups, vars, vq_dim/groups) code vectors (shared over groups when combine_groups)."""
+        return self.embedding.expand(self.num_vars, self.groups, self.var_dim).transpose(0, 1)
+
+    def nearest_codes(self, ze: torch.Tensor) -> torch.Tensor:
+        """ze (B, G, d, T) -> (B, T, G) index of the nearest code vector of each group (L2)."""
+        batch, _, _, frames = ze.shape
+        points = ze.permute(1, 0, 3, 2).reshape(self.groups, batch * frames, self.var_dim).float()
+        # exact pairwise distances (no |a|^2 - 2ab + |b|^2 shortcut, which can flip near ties)
+        distances = torch.cdist(points, self.codebook().float(), compute_mode="donot_use_mm_for_euclid_dist")
+        return distances.argmin(dim=-1).view(self.groups, batch, frames).permute(1, 2, 0)
+
+    def forward(self, x: torch.Tensor, produce_targets: bool = False) -> dict[str, torch.Tensor | float | int]:
+        """x: (B, dim, T), or (B, T, dim) if time_first. Returns x (quantized, same layout), kmeans_loss,
+        code_perplexity, num_vars (V, as fairseq) and, with produce_targets, codes (B, T, G)."""
+        result: dict[str, torch.Tensor | float | int] = {"num_vars": self.num_vars}
+        if self.time_first:
+            x = x.transpose(1, 2)
+        batch, _, frames = x.shape
+        ze = self.projection(x)  # (B, dim, T)
+        codes = self.nearest_codes(ze.view(batch, self.groups, self.var_dim, frames))  # (B, T, G)
+        codebook = self.codebook()  # (G, V, d)
+        zq = torch.stack([codebook[group][codes[..., group]] for group in range(self.groups)], dim=-2)
+        zq = zq.reshape(batch, frames, self.vq_dim).transpose(1, 2).to(ze.dtype)  # (B, dim, T)
+        out = zq.detach() + (ze - ze.detach())  # straight-through: gradient of ze, value of zq
+        with torch.no_grad():
+            result["code_perplexity"] = one_hot_perplexity(codes.reshape(-1, self.groups), self.num_vars)
+        if produce_targets:
+            result["targets"] = codes
+        result["codes"] = codes
+        latent_loss = F.mse_loss(zq.float(), ze.detach().float())  # moves the code vectors
+        commitment_loss = F.mse_loss(ze.float(), zq.detach().float())  # keeps the encoder near them
+        result["kmeans_loss"] = latent_loss + self.gamma * commitment_loss
+        result["x"] = out.transpose(1, 2) if self.time_first else out
         return result
 
     def forward_idx(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repro.models.layers import Fp32GroupNorm, Fp32LayerNorm, TransposeLast
 from repro.models.masking import compute_mask_indices, sample_cross_negatives, sample_negatives
 from repro.models.quantizers import GumbelVectorQuantizer
 
@@ -86,41 +87,6 @@ class GradMultiply(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad * ctx.scale, None
-
-
-class Fp32GroupNorm(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (fairseq's Fp32GroupNorm)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.group_norm(
-            x.float(),
-            self.num_groups,
-            self.weight.float() if self.weight is not None else None,
-            self.bias.float() if self.bias is not None else None,
-            self.eps,
-        )
-        return out.type_as(x)
-
-
-class Fp32LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype (fairseq's Fp32LayerNorm)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.layer_norm(
-            x.float(),
-            self.normalized_shape,
-            self.weight.float() if self.weight is not None else None,
-            self.bias.float() if self.bias is not None else None,
-            self.eps,
-        )
-        return out.type_as(x)
-
-
-class TransposeLast(nn.Module):
-    """Swap the last two dimensions (lets a LayerNorm over channels sit inside a conv block)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(-2, -1)
 
 
 class ConvFeatureExtractionModel(nn.Module):

@@ -48,7 +48,7 @@ from repro.train.optim import build_lr_scheduler, build_optimizer
 log = logging.getLogger(__name__)
 
 # Logged values that are averaged over logging outputs (micro-batches x processes), not summed (§2).
-AVERAGED_LOG_KEYS = ("prob_perplexity", "code_perplexity", "temp")
+AVERAGED_LOG_KEYS = ("prob_perplexity", "code_perplexity", "temp", "kmeans_loss")
 NUM_OUTPUTS = "_num_outputs"
 VALID_SEED_TAG = 2**31 - 1  # stands in for the update number when seeding validation forwards
 
