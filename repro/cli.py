@@ -6,6 +6,7 @@ module that owns the work; a stage whose module does not exist yet says so and e
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 
 from repro.config import CONF_DIR, STAGES, ConfigError, check_ranges, register_configs
 from repro.track import build_tracker
+from repro.track.lock import RunDirectoryLocked, run_directory_lock
 from repro.track.status import run_stages
 
 log = logging.getLogger("repro")
@@ -85,8 +87,14 @@ def run(cfg: DictConfig) -> tuple[int, object]:
         if not slurm.inside_slurm_job():
             return slurm.submit(cfg, run_dir), None
 
-    result = run_stages(cfg, run_dir, name=cfg.experiment, stages=implementations, gpus=_visible_gpus(cfg),
-                        tracker=build_tracker(cfg, run_dir))
+    # One launch per run directory: its first process holds the lock (the other ranks share the
+    # directory), taken before the trackers open runs, so a second launch leaves nothing behind.
+    from repro.train.distributed import detect_env  # torch: imported once there is work to do
+
+    holds_lock = detect_env().rank == 0
+    with run_directory_lock(run_dir) if holds_lock else contextlib.nullcontext():
+        result = run_stages(cfg, run_dir, name=cfg.experiment, stages=implementations, gpus=_visible_gpus(cfg),
+                            tracker=build_tracker(cfg, run_dir))
     return 0, result
 
 
@@ -127,8 +135,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from repro.models.transformer_lm import TransformerLMError
     from repro.train.trainer import TrainingDiverged
 
-    return (ConfigError, FileNotFoundError, CheckpointError, AudioError, LabelError, DictionaryError, TranscriptError,
-            ManifestError, CorpusError, EvaluationError, LexiconError, TransformerLMError, TrainingDiverged)
+    return (ConfigError, RunDirectoryLocked, FileNotFoundError, CheckpointError, AudioError, LabelError,
+            DictionaryError, TranscriptError, ManifestError, CorpusError, EvaluationError, LexiconError,
+            TransformerLMError, TrainingDiverged)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
