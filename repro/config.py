@@ -244,6 +244,8 @@ class ModelConfig:
     """Dropout after the feed-forward activation."""
     encoder_layerdrop: float= probability(0.0)
     """LayerDrop probability (pretraining name)."""
+    checkpoint_activations: bool = False
+    """Recompute each Transformer layer in the backward pass instead of storing its activations (fairseq's key)."""
     dropout_input: float= probability(0.0)
     """Dropout on the projected features before masking."""
     dropout_features: float= probability(0.0)
@@ -449,6 +451,8 @@ class OptimizerConfig:
     """Adam epsilon, added to sqrt(v) before bias correction (fairseq)."""
     weight_decay: float= non_negative(0.01)
     """Decoupled weight decay applied to every parameter."""
+    foreach: bool | None = None
+    """Multi-tensor (torch._foreach_*) Adam update, same arithmetic as the loop; None = on CUDA only (faster there, not on CPU)."""
 
 
 @dataclass

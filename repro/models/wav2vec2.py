@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from repro.models.layers import Fp32GroupNorm, Fp32LayerNorm, TransposeLast
@@ -242,8 +243,11 @@ def init_bert_params(module: nn.Module) -> None:
 class TransformerEncoder(nn.Module):
     """Positional conv + Transformer layers (§1.5). `layer_drop_rng` decides LayerDrop skips."""
 
-    pad_on_cpu = False
-    """Apply fairseq's required_seq_len_multiple padding on CPU too (tests check it is neutral)."""
+    pad_to_required_multiple = False
+    """Apply fairseq's required_seq_len_multiple padding (tests check it is numerically neutral).
+
+    fairseq pads T for its fp16 kernels; scaled_dot_product_attention needs no such padding, and the
+    key mask that padding brings rules out the flash / memory-efficient kernels on GPU, so it is off."""
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -253,6 +257,7 @@ class TransformerEncoder(nn.Module):
         self.required_seq_len_multiple = cfg.required_seq_len_multiple
         self.layer_norm_first = cfg.layer_norm_first
         self.layerdrop = cfg.encoder_layerdrop
+        self.checkpoint_activations = bool(getattr(cfg, "checkpoint_activations", False))
         self.pos_conv = nn.Sequential(
             WeightNormConv1d(dim, cfg.conv_pos, cfg.conv_pos_groups), SamePad(cfg.conv_pos), nn.GELU()
         )
@@ -291,10 +296,10 @@ class TransformerEncoder(nn.Module):
         if not self.layer_norm_first:
             x = self.layer_norm(x)  # post-LN: encoder LN before the layers
 
-        # fairseq pads T to a multiple (masked keys, removed at the end). Numerically neutral; it only
-        # helps GPU kernels, so on CPU it is skipped (an attention mask would force a slower path).
+        # fairseq pads T to a multiple (masked keys, removed at the end): numerically neutral, and off
+        # here (see pad_to_required_multiple).
         frames = x.size(1)
-        multiple = self.required_seq_len_multiple if (x.device.type == "cuda" or self.pad_on_cpu) else 1
+        multiple = self.required_seq_len_multiple if self.pad_to_required_multiple else 1
         pad_length = (-frames) % multiple if multiple > 1 else 0
         if pad_length:
             x = F.pad(x, (0, 0, 0, pad_length))
@@ -309,7 +314,12 @@ class TransformerEncoder(nn.Module):
         for index, block in enumerate(self.layers):
             if skip[index]:
                 continue
-            x = block(x, attn_mask)
+            if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+                # recompute the layer in the backward pass instead of storing its activations
+                # (fairseq's checkpoint_activations); dropout replays the same RNG draws
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask)
             layer_results.append(x[:, :frames] if pad_length else x)
             if layer is not None and index == layer:
                 break

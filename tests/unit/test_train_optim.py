@@ -159,3 +159,34 @@ def test_fixed_warmup_and_unknown_scheduler():
     assert make_lr_function(_cfg(_name="fixed", warmup_updates=0).lr_scheduler, 1e-3, 100)(0) == 1e-3
     with pytest.raises(ValueError, match="inverse_sqrt"):
         make_lr_function(_cfg(_name="inverse_sqrt").lr_scheduler, 1e-3, 100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_foreach_adam_equals_the_per_parameter_loop(dtype):
+    """The multi-tensor update is the same arithmetic: equal to the loop (to 1e-6) on every step,
+    with weight decay, a parameter without gradient, one that joins late, and low-precision params."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(64, 32), (32,), (7, 3, 5), (1,), (128,)]
+    initial = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    runs = {}
+    for foreach in (False, True):
+        params = [torch.nn.Parameter(value.clone()) for value in initial]
+        optimizer = FairseqAdam(params, lr=3e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, foreach=foreach)
+        grads_generator = torch.Generator().manual_seed(1)
+        history = []
+        for step in range(5):
+            for index, param in enumerate(params):
+                skipped = index == 3 and step < 2  # no gradient at first, then it joins (its own step count)
+                grad = torch.randn(param.shape, generator=grads_generator).to(dtype)
+                param.grad = None if skipped else grad
+            optimizer.step()
+            history.append([param.detach().float().clone() for param in params])
+        runs[foreach] = (history, optimizer)
+    for step, (loop_params, foreach_params) in enumerate(zip(runs[False][0], runs[True][0])):
+        for index, (a, b) in enumerate(zip(loop_params, foreach_params)):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=f"step {step} param {index}")
+    moved = (runs[True][0][-1][0] - initial[0].float()).abs().max()
+    assert moved > 1e-3  # not vacuous
+    loop_state, foreach_state = runs[False][1].state_dict(), runs[True][1].state_dict()
+    assert [s["step"] for s in loop_state["state"].values()] == [s["step"] for s in foreach_state["state"].values()]
+    assert loop_state["state"][3]["step"] == 3

@@ -219,7 +219,7 @@ def test_seq_len_multiple_padding_is_neutral(monkeypatch):
     padding = torch.zeros(2, 7000, dtype=torch.bool)
     padding[1, 5000:] = True
     plain = model.extract_features(source, padding)
-    monkeypatch.setattr(type(model.encoder), "pad_on_cpu", True)
+    monkeypatch.setattr(type(model.encoder), "pad_to_required_multiple", True)
     padded = model.extract_features(source, padding)
     assert padded["x"].shape == plain["x"].shape == (2, 21, 64)
     assert torch.allclose(padded["x"], plain["x"], atol=1e-5)
@@ -235,3 +235,32 @@ def test_cross_sample_negatives():
     loss, _ = contrastive_loss(out, [0.1, 10])
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """fairseq's checkpoint_activations: layers recomputed in the backward pass, dropout replayed."""
+    results = {}
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = Wav2Vec2Model(tiny(checkpoint_activations=checkpointed, dropout=0.1, attention_dropout=0.1,
+                                   activation_dropout=0.1)).train()
+        source = torch.randn(2, 8000, generator=torch.Generator().manual_seed(2))
+        model.set_rng_seed(5)
+        torch.manual_seed(3)
+        saved_bytes: list[int] = []
+
+        def pack(tensor: torch.Tensor, sizes: list[int] = saved_bytes) -> torch.Tensor:
+            sizes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss, _ = contrastive_loss(model(source), None)
+        loss.backward()
+        results[checkpointed] = (loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()
+                                                 if p.grad is not None}, sum(saved_bytes))
+    # the layers keep only their inputs (the tiny model's conv extractor holds most of the rest)
+    assert results[True][2] < 0.95 * results[False][2]
+    assert torch.equal(results[False][0], results[True][0])
+    assert results[False][1].keys() == results[True][1].keys()
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
