@@ -407,6 +407,17 @@ WAV2VEC_FIELDS = tuple(name for name in Wav2VecConfig.__annotations__)
 """The fields of the wav2vec / vq-wav2vec model (what its checkpoints store)."""
 
 
+def stored_model_config(model_cfg: Any) -> dict[str, Any]:
+    """The model config a checkpoint stores: every ModelConfig field, or only the WAV2VEC_FIELDS of a
+    Wav2VecConfig (its inherited wav2vec 2.0 fields are not part of the model)."""
+    import dataclasses
+
+    values = dataclasses.asdict(model_cfg)
+    if isinstance(model_cfg, Wav2VecConfig):
+        return {name: values[name] for name in WAV2VEC_FIELDS}
+    return values
+
+
 @dataclass
 class CriterionConfig:
     _name: str = "wav2vec"

@@ -8,8 +8,9 @@ weights-only unpickler extended by an allow-list and inert stand-ins for every `
 TorchScript archives and anything naming another global are refused before anything is built.
 
 `load(path)` then turns the stored configuration of any era into our `ModelConfig`, builds
-`Wav2Vec2Model` (arch `wav2vec2`) or `Wav2Vec2CTC` (arch `wav2vec_ctc`), and loads the state dict
-strictly. Our own files (`format.py`) are accepted too.
+`Wav2Vec2Model` (arch `wav2vec2`), `Wav2Vec2CTC` (arch `wav2vec_ctc`) or `Wav2VecModel` (arch `wav2vec`:
+wav2vec and vq-wav2vec, §8), and loads the state dict strictly. Our own files (`format.py`) are
+accepted too.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from repro.checkpoints.format import (
     verify_checksums,
 )
 from repro.checkpoints.safe_pickle import FairseqDictionary, FairseqObject, safe_load
-from repro.config import ModelConfig, TaskConfig
+from repro.config import WAV2VEC_FIELDS, ModelConfig, TaskConfig, Wav2VecConfig
 from repro.models.ctc import CTC_FIELDS, FINETUNE_OVERRIDES
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class LoadedModel:
     model_cfg: ModelConfig
     task_cfg: dict[str, Any]
     dictionary: Any  # repro.data.dictionary.Dictionary | None (CTC files rarely carry it, §9.1)
-    kind: str  # "wav2vec2" | "wav2vec_ctc"
+    kind: str  # "wav2vec2" | "wav2vec_ctc" | "wav2vec" (wav2vec and vq-wav2vec)
 
 
 # =================================================================================================
@@ -198,6 +199,7 @@ def stored_config(raw: dict[str, Any], path: Path | str) -> StoredConfig:
 
 PRETRAIN_ARCH = "wav2vec2"
 CTC_ARCH = "wav2vec_ctc"
+WAV2VEC_ARCHS = ("wav2vec", "audio_cpc")  # checkpoint_utils renames audio_cpc to wav2vec (§9.3)
 FOREIGN_ARCHS = {
     "wav2vec_seq2seq": "wav2vec 2.0 encoder with a Transformer decoder; repro implements the CTC head only",
     "hubert": "HuBERT",
@@ -238,9 +240,12 @@ def check_architecture(stored: StoredConfig, path: Path | str) -> str:
                 f"({describe_arch(str(pretrain_arch), stored.pretrain_model)}), not on wav2vec 2.0"
             )
         return "wav2vec_ctc"
+    if stored.arch in WAV2VEC_ARCHS:
+        return "wav2vec"
     raise NotWav2Vec2Error(
-        f"{path}: arch {stored.arch!r} ({describe_arch(stored.arch, stored.model)}) is not a wav2vec 2.0 model; "
-        f"repro loads arch '{PRETRAIN_ARCH}' (pretrained) and '{CTC_ARCH}' (fine-tuned) checkpoints"
+        f"{path}: arch {stored.arch!r} ({describe_arch(stored.arch, stored.model)}) is not a wav2vec 2.0, wav2vec or vq-wav2vec model; "
+        f"repro loads arch '{PRETRAIN_ARCH}' (pretrained), '{CTC_ARCH}' (fine-tuned) and 'wav2vec' "
+        "(wav2vec, vq-wav2vec) checkpoints"
     )
 
 
@@ -295,12 +300,12 @@ def _model_values(section: dict[str, Any], path: Path | str, what: str) -> dict[
     return values
 
 
-def _as_model_config(values: dict[str, Any], path: Path | str) -> ModelConfig:
+def _as_model_config(values: dict[str, Any], path: Path | str, schema: type = ModelConfig) -> ModelConfig:
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), values)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except Exception as error:  # omegaconf ValidationError & co: a value of the wrong type
-        raise CheckpointError(f"{path}: stored model config does not fit repro's ModelConfig: {error}") from None
+        raise CheckpointError(f"{path}: stored model config does not fit repro's {schema.__name__}: {error}") from None
 
 
 def _task_normalize(task: dict[str, Any] | None) -> bool | None:
@@ -311,6 +316,8 @@ def _task_normalize(task: dict[str, Any] | None) -> bool | None:
 
 def model_config_from_stored(stored: StoredConfig, kind: str, path: Path | str) -> ModelConfig:
     """Our ModelConfig: missing (newer) fields take the dataclass defaults (§9.1, trap 18)."""
+    if kind == "wav2vec":
+        return wav2vec_config_from_stored(stored, path)
     if kind == "wav2vec2":
         values = _model_values(stored.model, path, "model config")
         values["_name"] = "wav2vec2"
@@ -338,6 +345,59 @@ def model_config_from_stored(stored: StoredConfig, kind: str, path: Path | str) 
                     path, normalize, pretrain_normalize, normalize)
     values["normalize"] = normalize
     return _as_model_config(values, path)
+
+
+# --- wav2vec / vq-wav2vec (arch `wav2vec`, §8) ------------------------------------------------------
+
+# fairseq's hydra-era Wav2VecConfig defaults where they differ from the 2019 argparse defaults that
+# Wav2VecConfig keeps (fairseq 3335de5f base_wav2vec_architecture). A `cfg`-era file normally stores
+# every field; one that lacks a field gets what today's fairseq would have used.
+HYDRA_ERA_WAV2VEC_DEFAULTS: dict[str, Any] = {
+    "num_negatives": 10,
+    "skip_connections_agg": True,
+    "log_compression": True,
+    "conv_feature_layers": "[(512, 10, 5), (512, 8, 4), (512, 4, 2), (512, 4, 2), (512, 4, 2), (512, 1, 1), "
+                           "(512, 1, 1), (512, 1, 1)]",
+    "conv_aggregator_layers": "[" + ", ".join(f"(512, {k}, 1)" for k in range(2, 14)) + "]",
+}
+
+
+def _wav2vec_value(name: str, value: Any) -> Any:
+    """Stored spellings -> Wav2VecConfig types: '(2,0.5,0.999995)' -> [2.0, 0.5, 0.999995], layer lists ->
+    their literal, offset 3 -> '3', cross_sample_negatives False (2019) -> 0, vq_type None -> 'none'."""
+    if name == "vq_temp":
+        if isinstance(value, str):
+            value = ast.literal_eval(value)
+        return [float(v) for v in value]
+    if name in ("conv_feature_layers", "conv_aggregator_layers") and not isinstance(value, str):
+        return repr([tuple(layer) for layer in value])
+    if name == "offset":
+        return str(value)
+    if name == "cross_sample_negatives":
+        return int(value)
+    if name == "vq_type" and value is None:
+        return "none"
+    return value
+
+
+def wav2vec_config_from_stored(stored: StoredConfig, path: Path | str) -> Wav2VecConfig:
+    """Wav2VecConfig from a wav2vec / vq-wav2vec file: every stored field wins; a field the file lacks
+    takes the default of its era (2019 argparse for `args`, today's Wav2VecConfig for `cfg`) (§8.1)."""
+    section = stored.model
+    values: dict[str, Any] = dict(HYDRA_ERA_WAV2VEC_DEFAULTS) if stored.era == "cfg" else {}
+    for name in WAV2VEC_FIELDS:
+        if name in ("_name", "negatives_as_fairseq") or name not in section:
+            continue
+        if section[name] is None and name not in ("sample_distance", "vq_type"):
+            continue
+        try:
+            values[name] = _wav2vec_value(name, section[name])
+        except (ValueError, SyntaxError, TypeError) as error:
+            raise CheckpointError(f"{path}: model field {name}={section[name]!r} cannot be read: {error}") from None
+    if section.get("encoder", "cnn") != "cnn":  # 2019 args: the feature encoder type
+        raise CheckpointError(f"{path}: encoder={section['encoder']!r}; only the 'cnn' feature encoder exists")
+    values["_name"] = "wav2vec"
+    return _as_model_config(values, path, Wav2VecConfig)  # type: ignore[return-value]
 
 
 def task_config_from_stored(stored: StoredConfig) -> dict[str, Any]:
@@ -424,6 +484,14 @@ def build_model(kind: str, model_cfg: ModelConfig, state: dict[str, torch.Tensor
 
         model: torch.nn.Module = Wav2Vec2Model(model_cfg)
         vocab_size = None
+    elif kind == "wav2vec":
+        from repro.models.wav2vec import Wav2VecModel
+
+        try:
+            model = Wav2VecModel(model_cfg)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+        vocab_size = None
     else:
         from repro.models.ctc import Wav2Vec2CTC
 
@@ -456,11 +524,13 @@ def _load_repro(obj: dict[str, Any], path: Path) -> LoadedModel:
 
     check_repro_checkpoint(obj, path)
     verify_checksums(obj, path)
-    unknown = sorted(set(obj["model_cfg"]) - set(MODEL_FIELDS))
+    kind = obj["kind"]
+    schema = Wav2VecConfig if kind == "wav2vec" else ModelConfig
+    known = WAV2VEC_FIELDS if kind == "wav2vec" else MODEL_FIELDS
+    unknown = sorted(set(obj["model_cfg"]) - set(known))
     if unknown:
         raise CheckpointError(f"{path}: model_cfg has fields unknown to this repro version: {', '.join(unknown)}")
-    model_cfg = _as_model_config(dict(obj["model_cfg"]), path)
-    kind = obj["kind"]
+    model_cfg = _as_model_config(dict(obj["model_cfg"]), path, schema)
     model, vocab_size = build_model(kind, model_cfg, fp32_state(obj["model"], path), path)
     dictionary = None
     if obj.get("dictionary") is not None:
@@ -491,7 +561,7 @@ def describe_foreign_dict(raw: dict[str, Any]) -> str:
 
 
 def load(path: str | Path) -> LoadedModel:
-    """Load a wav2vec 2.0 checkpoint: fairseq's (any era, pretrained or CTC) or ours."""
+    """Load a wav2vec 2.0 (pretrained or CTC), wav2vec or vq-wav2vec checkpoint: fairseq's (any era) or ours."""
     path = Path(path)
     raw = safe_load(path)
     if "format" in raw:

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 FORMAT = "repro-checkpoint-v1"
-KINDS = ("wav2vec2", "wav2vec_ctc")
+KINDS = ("wav2vec2", "wav2vec_ctc", "wav2vec")
+"""Model kinds of our files: wav2vec 2.0 pretrained, CTC fine-tuned, wav2vec / vq-wav2vec."""
 PICKLE_PROTOCOL_BYTE = b"\x80"
 ZIP_MAGIC = b"PK\x03\x04"
 

@@ -2,7 +2,8 @@
 
 Reads IN.pt through the restricted unpickler (repro.checkpoints.fairseq, nothing in the file runs),
 and writes
-* `DIR/checkpoint.pt`: our model file (format.py; `torch.load(weights_only=True)` reads it),
+* `DIR/checkpoint.pt`: our model file (format.py; `torch.load(weights_only=True)` reads it) of any kind
+  (wav2vec 2.0 pretrained or CTC, wav2vec, vq-wav2vec),
 * `DIR/config.yaml`: the model and task configuration it was built with,
 * `DIR/dict.ltr.txt`: the target dictionary, when the file carries one (newer fine-tuned files) or
   `--dict` names one (the released CTC files do not store theirs, §9.1).
@@ -11,7 +12,6 @@ and writes
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from repro.checkpoints.fairseq import load
 from repro.checkpoints.format import CheckpointError, atomic_save, model_file
+from repro.config import stored_model_config
 from repro.data.dictionary import Dictionary, DictionaryError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -51,7 +52,7 @@ def import_checkpoint(source: Path, out_dir: Path, dictionary_path: Path | None 
             raise CheckpointError(
                 f"{dictionary_path or source}: dictionary has {len(dictionary)} symbols, the CTC head {outputs}"
             )
-    model_cfg = dataclasses.asdict(loaded.model_cfg)
+    model_cfg = stored_model_config(loaded.model_cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     atomic_save(
