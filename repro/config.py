@@ -126,6 +126,10 @@ class CommonConfig:
     """Mixed precision with float16 and dynamic loss scaling (fairseq's FP16Optimizer semantics)."""
     bf16: bool = False
     """Mixed precision with bfloat16 (no loss scaling needed)."""
+    compile: bool = False
+    """torch.compile the model for training (off until measured faster on the target GPU)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend ('inductor'; 'aot_eager' traces without generating kernels, for checks)."""
     fp16_init_scale: int= positive(128)
     """Initial loss scale for fp16 (fairseq: 2**7)."""
     fp16_scale_window: int | None= positive(None)

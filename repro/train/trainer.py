@@ -190,7 +190,7 @@ class BatchStream:
     """
 
     def __init__(self, data: SplitData, seed: int, num_workers: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, pin_memory: bool = False) -> None:
         self.data = data
         self.seed = seed
         self.rank = rank
@@ -204,6 +204,7 @@ class BatchStream:
             _BatchLoading(data.dataset, seed), sampler=self._keys, batch_size=None, collate_fn=_pass_through,
             num_workers=num_workers, persistent_workers=num_workers > 0,
             prefetch_factor=2 if num_workers > 0 else None,
+            pin_memory=pin_memory,  # page-locked batches: the host-to-GPU copy overlaps compute
         )
 
     def shard_size(self) -> int:
@@ -321,6 +322,9 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=hooks.find_unused_parameters,
             )
+        if cfg.common.get("compile"):
+            # the wrapper shares the parameters; state dicts are still taken from self.model
+            self.ddp_model = torch.compile(self.ddp_model, backend=str(cfg.common.compile_backend))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optimizer, float(cfg.optimization.lr[0]))
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg)
@@ -351,6 +355,7 @@ class Trainer:
         if train_data is not None:
             self.train_stream = BatchStream(
                 train_data, self.seed, int(cfg.dataset.num_workers), self.context.rank, self.context.world_size,
+                pin_memory=self.device.type == "cuda",
             )
         self.valid_data = list(valid_data)
         self.checkpoints = None

@@ -173,3 +173,17 @@ def test_nan_without_fp16_stops_at_once():
     trainer = Trainer(toy_cfg(), ToyModel(poison_from=0), HOOKS, None)
     with pytest.raises(TrainingDiverged, match="update 1: gradients are NaN/Inf"):
         trainer.train_step(batches_of(ToyDataset(), 8)[:1])
+
+
+def test_compiled_model_trains_like_the_eager_one():
+    """common.compile wraps the model with torch.compile; the updates are the same (aot_eager traces the
+    same graph without generating kernels, so the check stays fast on CPU)."""
+    dataset = ToyDataset()
+    compiled = Trainer(toy_cfg(common={"compile": True, "compile_backend": "aot_eager"}), ToyModel(), HOOKS, None)
+    eager = Trainer(toy_cfg(), ToyModel(), HOOKS, None)
+    assert compiled.ddp_model is not compiled.model and eager.ddp_model is eager.model
+    for batch in batches_of(dataset, 16)[:3]:
+        logs_compiled, logs_eager = compiled.train_step([batch]), eager.train_step([batch])
+        assert logs_compiled["loss"] == pytest.approx(logs_eager["loss"], rel=1e-6)
+    torch.testing.assert_close(params(compiled.model), params(eager.model), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(params(compiled.model), params(ToyModel()))

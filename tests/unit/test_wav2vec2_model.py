@@ -264,3 +264,17 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert results[False][1].keys() == results[True][1].keys()
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compiled_encoder_matches_eager():
+    """torch.compile (aot_eager: the traced graph, no generated kernels) gives the eager features."""
+    torch.manual_seed(0)
+    model = Wav2Vec2Model(tiny()).eval()
+    source = torch.randn(2, 6000, generator=torch.Generator().manual_seed(4))
+    padding = torch.zeros(2, 6000, dtype=torch.bool)
+    padding[1, 4000:] = True
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        eager_out = model.extract_features(source, padding)["x"]
+        compiled_out = compiled(source, padding, mask=False, features_only=True)["x"]
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
