@@ -1,7 +1,8 @@
-"""`python -m repro.tools import-checkpoint IN.pt --out DIR`: a fairseq checkpoint in our format.
+"""`python -m repro.tools import-checkpoint IN --out DIR`: a fairseq checkpoint or HF folder in our format.
 
-Reads IN.pt through the restricted unpickler (repro.checkpoints.fairseq, nothing in the file runs),
-and writes
+Reads IN.pt through the restricted unpickler (repro.checkpoints.fairseq, nothing in the file runs), or
+an HF transformers folder (config.json + model.safetensors [+ vocab.json], repro.checkpoints.export:
+a model fine-tuned with transformers then evaluates with our decoders and sweeps), and writes
 * `DIR/checkpoint.pt`: our model file (format.py; `torch.load(weights_only=True)` reads it) of any kind
   (wav2vec 2.0 pretrained or CTC, wav2vec, vq-wav2vec),
 * `DIR/config.yaml`: the model and task configuration it was built with,
@@ -17,10 +18,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from repro.checkpoints.fairseq import load
+from repro.checkpoints.export import load_any
 from repro.checkpoints.format import CheckpointError, atomic_save, model_file
 from repro.config import stored_model_config
-from repro.data.dictionary import Dictionary, DictionaryError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "config.yaml"
@@ -28,7 +28,8 @@ DICTIONARY_NAME = "dict.ltr.txt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="fairseq checkpoint (.pt), any era; or one of ours")
+    parser.add_argument("checkpoint", type=Path,
+                        help="fairseq checkpoint (.pt), any era; one of ours; or an HF transformers folder")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--dict", type=Path, default=None,
                         help="dict.ltr.txt to store with a CTC model whose file lacks its dictionary")
@@ -36,22 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def import_checkpoint(source: Path, out_dir: Path, dictionary_path: Path | None = None) -> Path:
     """Convert `source`; returns the path of the written checkpoint."""
-    loaded = load(source)
+    loaded = load_any(source, dictionary_path)
     dictionary = loaded.dictionary
-    if dictionary_path is not None:
-        try:
-            given = Dictionary.load(dictionary_path)
-        except DictionaryError as error:
-            raise CheckpointError(str(error)) from None
-        if dictionary is not None and given.symbols != dictionary.symbols:
-            raise CheckpointError(f"{dictionary_path}: differs from the dictionary stored in {source}")
-        dictionary = given
-    if dictionary is not None and loaded.kind == "wav2vec_ctc":
-        outputs = loaded.model.w2v_encoder.proj.out_features
-        if len(dictionary) != outputs:
-            raise CheckpointError(
-                f"{dictionary_path or source}: dictionary has {len(dictionary)} symbols, the CTC head {outputs}"
-            )
     model_cfg = stored_model_config(loaded.model_cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / CHECKPOINT_NAME
