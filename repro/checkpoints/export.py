@@ -299,6 +299,12 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
               metadata={"format": "pt"})
 
 
+def _check_exportable(loaded: LoadedModel) -> None:
+    if loaded.kind not in ("wav2vec2", "wav2vec_ctc"):
+        raise CheckpointError(f"a {loaded.kind!r} model (wav2vec / vq-wav2vec) has no transformers or torchaudio "
+                              "counterpart; only wav2vec 2.0 models (pretrained or CTC) export")
+
+
 def _export_head(loaded: LoadedModel) -> str | None:
     architecture = hf_architecture(loaded.kind, loaded.model_cfg)
     return {"Wav2Vec2ForCTC": "ctc", "Wav2Vec2ForPreTraining": "pretraining", "Wav2Vec2Model": None}[architecture]
@@ -310,6 +316,7 @@ def export_hf(loaded: LoadedModel, out_dir: str | Path) -> list[Path]:
     A CTC model needs its dictionary (vocab.json): the released fairseq CTC files do not store theirs,
     pass it to `load`'s caller (`export --dict`).
     """
+    _check_exportable(loaded)
     out_dir = Path(out_dir)
     cfg, kind = loaded.model_cfg, loaded.kind
     state = loaded.model.state_dict()
@@ -356,6 +363,7 @@ def export_torchaudio(loaded: LoadedModel, out_dir: str | Path) -> list[Path]:
     torchaudio's model is the encoder (plus the CTC projection as `aux`); the pretraining quantizer
     and projections have no place in it and are not written.
     """
+    _check_exportable(loaded)
     out_dir = Path(out_dir)
     ctc = loaded.kind == "wav2vec_ctc"
     state = loaded.model.state_dict()

@@ -275,3 +275,16 @@ def test_hf_tutorial_vocabulary_is_reordered_for_our_decoders(tmp_path):
     assert all(len(text.split()) >= 2 for text in ours_text), ours_text
     hf_text = Wav2Vec2Processor.from_pretrained(tmp_path / "hf").batch_decode(hf_ids)
     assert ours_text == [" ".join(text.split()) for text in hf_text]
+
+
+def test_wav2vec_v1_models_are_refused_by_name(tmp_path):
+    from repro.checkpoints.export import export_hf, export_torchaudio
+    from repro.checkpoints.fairseq import LoadedModel
+    from repro.checkpoints.format import CheckpointError
+
+    loaded = LoadedModel(model=torch.nn.Linear(1, 1), model_cfg=ModelConfig(), task_cfg={}, dictionary=None,
+                         kind="wav2vec")
+    for exporter in (export_hf, export_torchaudio):
+        with pytest.raises(CheckpointError, match="vq-wav2vec"):
+            exporter(loaded, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
