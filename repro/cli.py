@@ -133,10 +133,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from repro.decode.evaluate import EvaluationError
     from repro.decode.lexicon import LexiconError
     from repro.models.transformer_lm import TransformerLMError
+    from repro.train.resume import ResumeConfigError
     from repro.train.trainer import TrainingDiverged
 
-    return (ConfigError, RunDirectoryLocked, FileNotFoundError, CheckpointError, AudioError, LabelError,
-            DictionaryError, TranscriptError, ManifestError, CorpusError, EvaluationError, LexiconError,
+    return (ConfigError, RunDirectoryLocked, ResumeConfigError, FileNotFoundError, CheckpointError, AudioError,
+            LabelError, DictionaryError, TranscriptError, ManifestError, CorpusError, EvaluationError, LexiconError,
             TransformerLMError, TrainingDiverged)
 
 

@@ -514,6 +514,16 @@ class CheckpointConfig:
     """Never write checkpoints."""
     save_optimizer_state: bool = True
     """Include the optimizer state (needed for exact resume)."""
+    # Resuming under a changed config (repro/train/resume.py): fairseq's reset flags say which
+    # training state to drop, and thereby which changes are accepted; without them a change refuses.
+    reset_optimizer: bool = False
+    """Resume without the optimizer and loss-scaler state (accepts optimizer / clip_norm / fp16 changes)."""
+    reset_lr_scheduler: bool = False
+    """Resume without the lr-scheduler state (accepts lr / lr_scheduler / schedule-length changes)."""
+    reset_dataloader: bool = False
+    """Resume at epoch 1 of the data order (accepts batching, data and update_freq changes)."""
+    reset_meters: bool = False
+    """Resume without the best metric and wall time (accepts a new best_checkpoint_metric / valid_subset)."""
 
 
 @dataclass

@@ -44,6 +44,7 @@ from repro.train.distributed import (
     effective_update_freq,
 )
 from repro.train.optim import build_lr_scheduler, build_optimizer
+from repro.train.resume import resets_for_resume
 
 log = logging.getLogger(__name__)
 
@@ -513,22 +514,30 @@ class Trainer:
             train_state=train_state,
         )
 
-    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+    def load_state_dict(self, checkpoint: dict[str, Any], resets: frozenset[str] = frozenset()) -> None:
+        """Restore the model and the training state, except the parts named in `resets` (fairseq's
+        checkpoint.reset_* names, decided by repro.train.resume)."""
         self.model.load_state_dict(checkpoint["model"], strict=True)
         state = checkpoint["train_state"]
-        if state.get("optimizer") is not None:
+        if "reset_optimizer" in resets:
+            log.warning("checkpoint.reset_optimizer: Adam moments and the loss scale restart")
+        elif state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         else:
             log.warning("checkpoint has no optimizer state (save_optimizer_state=false): Adam moments restart")
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.scaler is not None and state.get("loss_scaler") is not None:
+        if self.scaler is not None and state.get("loss_scaler") is not None and "reset_optimizer" not in resets:
             self.scaler.load_state_dict(state["loss_scaler"])
         self.num_updates = int(state["num_updates"])
+        if "reset_lr_scheduler" in resets:
+            self.lr_scheduler.step_update(self.num_updates)  # the new schedule, from the current update on
+        else:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self._set_model_updates(self.num_updates)
-        if self.train_stream is not None:
+        if self.train_stream is not None and "reset_dataloader" not in resets:
             self.train_stream.load_state_dict(state["sampler"])
-        self.best_metric = state.get("best_metric")
-        self.wall_offset = float(state.get("wall", 0.0))
+        if "reset_meters" not in resets:
+            self.best_metric = state.get("best_metric")
+            self.wall_offset = float(state.get("wall", 0.0))
         rng_states = state["rng"]
         if int(state.get("world_size", 1)) == self.context.world_size and len(rng_states) > self.context.rank:
             restore_rng_state(rng_states[self.context.rank])
@@ -551,7 +560,9 @@ class Trainer:
         if found is None:
             return False
         checkpoint, path = found
-        self.load_state_dict(checkpoint)
+        resets = resets_for_resume(checkpoint["train_state"].get("config"),
+                                   OmegaConf.to_container(self.cfg, resolve=True), str(path))
+        self.load_state_dict(checkpoint, resets)
         log.info("resumed from %s at update %d (epoch %d)", path, self.num_updates,
                  checkpoint["train_state"]["epoch"])
         if self.context.is_master:
