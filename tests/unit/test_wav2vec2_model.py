@@ -278,3 +278,31 @@ def test_compiled_encoder_matches_eager():
         eager_out = model.extract_features(source, padding)["x"]
         compiled_out = compiled(source, padding, mask=False, features_only=True)["x"]
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_gets_no_mask_unless_a_row_is_padded(monkeypatch):
+    """An unpadded batch reaches scaled_dot_product_attention without a mask, so a GPU can use its flash
+    or memory-efficient kernel; only a padded batch brings a key mask."""
+    import torch.nn.functional as F
+
+    seen = []
+    original = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("attn_mask"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = Wav2Vec2Model(tiny()).eval()
+    source = torch.randn(2, 6000)
+    with torch.no_grad():
+        model.extract_features(source, None)
+        assert seen and all(mask is None for mask in seen)
+        seen.clear()
+        padding = torch.zeros(2, 6000, dtype=torch.bool)
+        model.extract_features(source, padding)  # a mask of all False is no padding either
+        assert seen and all(mask is None for mask in seen)
+        seen.clear()
+        padding[1, 4000:] = True
+        model.extract_features(source, padding)
+        assert seen and all(mask is not None for mask in seen)
