@@ -18,6 +18,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "infer": ("repro.tools.infer", "decode a split and score WER (fairseq infer.py)"),
     "sync-runs": ("repro.tools.sync_runs", "replay metrics.jsonl into MLflow after an outage"),
     "runs": ("repro.tools.runs", "list runs and their key metrics"),
+    "doctor": ("repro.tools.doctor", "what went wrong in a run directory: evidence and fix for each finding"),
     "featurize": ("repro.tools.featurize", "wav2vec features to h5 (fairseq wav2vec_featurize.py)"),
     "tokenize": ("repro.tools.tokenize", "vq-wav2vec units (fairseq vq-wav2vec_featurize.py)"),
 }
