@@ -37,9 +37,6 @@ OVERFLOW_HALVINGS = 5
 """fp16 loss-scale decreases that count as repeated overflows."""
 BLANK_SAMPLE_UTTERANCES = 8
 """Validation utterances run through the checkpoint to measure the blank posterior."""
-CHECKED_SECTIONS = ("model", "task", "criterion", "optimization", "optimizer", "lr_scheduler")
-CHECKED_KEYS = ("dataset.max_tokens", "common.seed", "common.fp16", "common.bf16")
-"""Config parts whose change between a checkpoint and the resumed run alters what is trained."""
 
 
 @dataclass
@@ -496,27 +493,12 @@ def check_dictionary(run: RunRecord) -> list[Finding]:
 # =================================================================================================
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
-
-
-def _training_view(config: dict[str, Any]) -> dict[str, Any]:
-    flat = _flatten({key: config.get(key) for key in CHECKED_SECTIONS})
-    for dotted in CHECKED_KEYS:
-        section, key = dotted.split(".")
-        flat[dotted] = (config.get(section) or {}).get(key)
-    return flat
-
-
 def check_config_changed(run: RunRecord) -> list[Finding]:
     if not run.checkpoint_dir.is_dir():
         return []
-    current = _training_view(OmegaConf.to_container(run.cfg, resolve=True))  # type: ignore[arg-type]
+    from repro.train.resume import config_changes
+
+    current = OmegaConf.to_container(run.cfg, resolve=True)
     saved_configs = []
     for path in run.checkpoint_dir.glob("checkpoint*.pt"):
         try:  # our own files: weights-only, memory-mapped (the tensors are not read)
@@ -527,17 +509,14 @@ def check_config_changed(run: RunRecord) -> list[Finding]:
         if isinstance(train_state, dict) and isinstance(train_state.get("config"), dict):
             saved_configs.append((int(train_state.get("num_updates") or 0), path.name, train_state["config"]))
     for updates, name, config in sorted(saved_configs):  # the oldest differing checkpoint tells the story
-        before = _training_view(config)
-        changed = sorted(key for key in set(before) | set(current) if before.get(key) != current.get(key))
-        if changed:
+        changes = config_changes(config, current)  # what repro.train.resume compares when resuming
+        if changes:
             return [Finding(
                 "config_changed_on_resume", f"the run was resumed with a different config than {name} was "
-                "trained with",
-                [f"{name} (update {updates}): " + "; ".join(
-                    f"{key}: {before.get(key)!r} -> {current.get(key)!r}" for key in changed[:8])
-                 + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")],
-                "resume with the original values (the run mixes two configurations), or start a new run directory "
-                "(hydra.run.dir=...) with checkpoint=<this checkpoint> to fine-tune from it",
+                "trained with", [f"{name} (update {updates}): {change.describe()}" for change in changes],
+                "one run now mixes two configurations (the checkpoint.reset_* flags let it resume): compare "
+                "its curve with care, or rerun the change in its own directory (hydra.run.dir=runs/<name>) "
+                "starting from checkpoint=<the checkpoint>",
             )]
     return []
 

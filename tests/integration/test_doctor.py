@@ -75,13 +75,14 @@ def test_healthy_run_gets_a_clean_bill(healthy_run, capsys):
 def test_resumed_run_with_a_changed_config(healthy_run, tmp_path, capsys):
     run_dir = tmp_path / "resumed"
     shutil.copytree(healthy_run, run_dir)
-    cfg = pretrain_config(healthy_run.parent.parent / "unused", optimization={"max_update": 18, "lr": [1e-3]},
-                          checkpoint={"save_interval_updates": 8})
-    cfg.task.data = OmegaConf.load(healthy_run / "config.yaml").task.data
+    # A changed learning rate is refused on resume unless checkpoint.reset_lr_scheduler accepts it.
+    cfg = pretrain_config(Path(OmegaConf.load(healthy_run / "config.yaml").task.data),
+                          optimization={"max_update": 18, "lr": [1e-3]},
+                          checkpoint={"save_interval_updates": 8, "reset_lr_scheduler": True})
     train(cfg, run_dir, "pretrain")
     code, report = doctor(run_dir, capsys)
     assert code == 1 and codes(report) == ["config_changed_on_resume"]
-    evidence = report["findings"][0]["evidence"][0]
+    evidence = " | ".join(report["findings"][0]["evidence"])
     assert "optimization.lr: [0.005] -> [0.001]" in evidence and "optimization.max_update: 16 -> 18" in evidence
     assert "(update 8)" in evidence  # the oldest checkpoint trained with the old config
 
