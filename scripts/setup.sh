@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Bootstrap the project on a fresh machine: .venv from requirements.lock (hash-checked),
-# the package itself (editable), and KenLM's lmplz/build_binary built from the kenlm sdist.
+# the package itself (editable), and KenLM's lmplz/build_binary built from the kenlm sdist
+# (scripts/build-kenlm.sh: the compiler's output goes to a log file, not to the terminal).
 # Idempotent: each step is skipped when its result is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,16 +27,7 @@ fi
 
 if [ ! -x "$VENV/bin/lmplz" ] || [ ! -x "$VENV/bin/build_binary" ]; then
   if command -v cmake >/dev/null && [ -e /usr/include/boost/program_options.hpp ]; then
-    echo "setup: building KenLM lmplz/build_binary from the kenlm 0.3.0 sdist (~40 s)"
-    work=$(mktemp -d)
-    # the kenlm block of the lock: its pin line and its hash lines
-    awk '/^kenlm==/{on=1; print; next} on && /^ +--hash/{print; next} {on=0}' requirements.lock > "$work/kenlm.req"
-    "$VENV/bin/pip" download -q --no-deps --no-binary kenlm --require-hashes -r "$work/kenlm.req" -d "$work"
-    tar xzf "$work"/kenlm-0.3.0.tar.gz -C "$work"
-    cmake -S "$work/kenlm-0.3.0" -B "$work/build" -DCMAKE_BUILD_TYPE=Release >/dev/null
-    cmake --build "$work/build" -j"$(nproc)" --target lmplz build_binary >/dev/null
-    install -m755 "$work/build/bin/lmplz" "$work/build/bin/build_binary" "$VENV/bin/"
-    rm -rf "$work"
+    VENV="$VENV" bash scripts/build-kenlm.sh
   else
     echo "setup: KenLM lmplz/build_binary not built (cmake or Boost missing, see above)" >&2
   fi
