@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from repro.tools.manifest import build_manifest, default_workers
+from repro.data.audio_headers import default_workers
+from repro.tools.manifest import build_manifest
 
 FILES_PER_CHAPTER = 50
 SAMPLES_PER_FILE = 1_600  # 0.1 s at 16 kHz: small files make the per-file overhead dominate

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from repro.data.audio import read_audio
+from repro.data.audio import AudioError, read_audio
 from repro.data.dictionary import Dictionary
 from repro.data.lines import read_lines
 from repro.data.manifest import read_manifest
@@ -122,10 +122,13 @@ class FileAudioDataset(Dataset):
         return np.minimum(self.sizes, self.max_sample_size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        # read_audio names the file on any failure (unreadable, truncated, wrong rate).
-        waveform = torch.from_numpy(
-            read_audio(self.audio_path(index), self.sample_rate, expected_num_samples=int(self.sizes[index]))
-        )
+        # read_audio names the file on any failure (unreadable, truncated, wrong rate); add its manifest line.
+        try:
+            samples = read_audio(self.audio_path(index), self.sample_rate, int(self.sizes[index]))
+        except AudioError as error:
+            where = f"{self.manifest_path}:{self.manifest_line_numbers[index]}"
+            raise AudioError(error.path, f"{error.reason} (manifest row {where})") from error
+        waveform = torch.from_numpy(samples)
         if self.normalize:
             waveform = normalize_waveform(waveform)
         item: dict[str, Any] = {"id": index, "source": waveform}

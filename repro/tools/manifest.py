@@ -9,6 +9,8 @@ Differences, all deliberate:
 * files are visited in sorted path order instead of the filesystem order of `glob.iglob`, so
   the split depends only on the seed and the set of files, not on the filesystem;
 * headers are read in parallel (a process pool over chunks of files), with a progress bar;
+* files at another sample rate than `--sample-rate` (16 kHz) or with several channels are written
+  (fairseq writes them) and reported: training refuses the first and averages the second to mono;
 * a file soundfile cannot read, or that holds 0 frames, is reported (stderr and
   `skipped.tsv`: `path<TAB>error`) and left out, where fairseq would crash; it takes no random
   draw, so the manifests equal fairseq's on the tree without the bad files. `--strict` turns
@@ -22,18 +24,15 @@ import os
 import random
 import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import soundfile
-from tqdm import tqdm
-
+from repro.data.audio_headers import AudioHeader, HeaderResult, read_headers
 from repro.data.manifest import ManifestEntry, write_manifest
 
 SKIPPED_FILE_NAME = "skipped.tsv"
-# Below this many files (~0.1 s of header reading) starting a process pool costs more than it saves.
-MIN_FILES_FOR_POOL = 1000
+MAX_LISTED_FILES = 10
+"""Files named one per line in the sample-rate and channel reports; the rest are counted."""
 
 
 @dataclass
@@ -51,6 +50,10 @@ class ManifestResult:
     train: list[ManifestEntry] = field(default_factory=list)
     valid: list[ManifestEntry] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
+    other_rate: list[tuple[str, int]] = field(default_factory=list)
+    """(path, sample rate) of written files at another rate than expected: training refuses them."""
+    multichannel: list[tuple[str, int]] = field(default_factory=list)
+    """(path, channels) of written files with more than one channel (averaged to mono when read)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,88 +107,33 @@ def find_audio_files(root: str | Path, ext: str, path_must_contain: str | None =
 
 
 # ------------------------------------------------------------------------------------------------
-# Reading headers
-
-
-def _frames_or_error(path: str) -> tuple[int, str | None]:
-    try:
-        # Opening is what soundfile.info does, minus collecting the fields we do not need.
-        with soundfile.SoundFile(path) as sound_file:
-            frames = int(sound_file.frames)
-    except Exception as error:  # any failure of libsndfile means "unreadable"
-        message = " ".join(str(error).split()) or type(error).__name__
-        return -1, f"unreadable: {message}"
-    if frames <= 0:
-        return frames, "holds 0 frames"
-    return frames, None
-
-
-def _read_chunk(paths: Sequence[str]) -> list[tuple[int, str | None]]:
-    return [_frames_or_error(path) for path in paths]
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def read_frames(
-    paths: Sequence[str], workers: int | None = None, progress: bool = True, description: str = "headers"
-) -> list[tuple[int, str | None]]:
-    """(frames, error or None) per path, in input order; parallel over `workers` processes."""
-    workers = default_workers() if workers is None else max(1, workers)
-    if not paths:
-        return []
-    bar = tqdm(
-        total=len(paths),
-        desc=description,
-        unit="file",
-        file=sys.stderr,
-        disable=not progress,
-        mininterval=0.5,
-    )
-    if workers == 1 or len(paths) < MIN_FILES_FOR_POOL:
-        results = []
-        for path in paths:
-            results.append(_frames_or_error(path))
-            bar.update(1)
-        bar.close()
-        return results
-    # Several chunks per worker balance the load; a bounded chunk keeps the bar moving.
-    chunk_size = max(32, min(2048, len(paths) // (workers * 8) + 1))
-    chunks = [paths[start : start + chunk_size] for start in range(0, len(paths), chunk_size)]
-    chunk_results: list[list[tuple[int, str | None]]] = [[] for _ in chunks]
-    with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-        futures = {pool.submit(_read_chunk, chunk): index for index, chunk in enumerate(chunks)}
-        for future in as_completed(futures):
-            index = futures[future]
-            chunk_results[index] = future.result()
-            bar.update(len(chunks[index]))
-    bar.close()
-    return [result for chunk in chunk_results for result in chunk]
-
-
-# ------------------------------------------------------------------------------------------------
 # Building the manifest
 
 
 def split_entries(
     root: str,
     paths: Sequence[str],
-    frames_and_errors: Sequence[tuple[int, str | None]],
+    headers: Sequence[HeaderResult],
     valid_percent: float,
     seed: int,
+    sample_rate: int | None = 16_000,
 ) -> ManifestResult:
-    """Train/valid entries from header results: one `random.Random(seed).random()` draw per usable file."""
+    """Train/valid entries from header results: one `random.Random(seed).random()` draw per usable file.
+
+    Files at a rate other than `sample_rate` (None: any) or with several channels are still written,
+    as fairseq writes them, and listed in the result so that the tool can say so.
+    """
     result = ManifestResult(root=root)
     split_rng = random.Random(seed)
-    for path, (frames, error) in zip(paths, frames_and_errors, strict=True):
-        if error is not None:
-            result.skipped.append(SkippedFile(path=path, error=error))
+    for path, header in zip(paths, headers, strict=True):
+        if not isinstance(header, AudioHeader):
+            result.skipped.append(SkippedFile(path=path, error=header))
             continue
-        entry = ManifestEntry(rel_path=os.path.relpath(path, root), num_samples=frames)
+        if sample_rate is not None and header.sample_rate != sample_rate:
+            result.other_rate.append((path, header.sample_rate))
+        if header.channels > 1:
+            result.multichannel.append((path, header.channels))
+        entry = ManifestEntry(rel_path=os.path.relpath(path, root), num_samples=header.frames)
         (result.train if split_rng.random() > valid_percent else result.valid).append(entry)
     return result
 
@@ -198,17 +146,19 @@ def build_manifest(
     path_must_contain: str | None = None,
     workers: int | None = None,
     progress: bool = True,
+    sample_rate: int | None = 16_000,
 ) -> ManifestResult:
     """Entries for every readable `*.ext` file under `root`.
 
-    `valid_percent` is a fraction (0.01 = 1 %), as in fairseq.
+    `valid_percent` is a fraction (0.01 = 1 %), as in fairseq; files at another rate than
+    `sample_rate` are written and listed in `other_rate`.
     """
     if not 0.0 <= valid_percent <= 1.0:
         raise ValueError(f"--valid-percent must be a fraction in [0, 1], got {valid_percent}")
     root_real = os.path.realpath(root)
     paths = find_audio_files(root_real, ext, path_must_contain)
-    frames_and_errors = read_frames(paths, workers=workers, progress=progress)
-    return split_entries(root_real, paths, frames_and_errors, valid_percent, seed)
+    headers = read_headers(paths, workers=workers, progress=progress)
+    return split_entries(root_real, paths, headers, valid_percent, seed, sample_rate)
 
 
 def report_skipped(
@@ -225,6 +175,25 @@ def report_skipped(
         write(f"  {item.path}: {item.error}")
 
 
+def report_formats(result: ManifestResult, sample_rate: int | None, write: Callable[[str], object]) -> None:
+    """Say which written files training will refuse (another rate) or average to mono (several channels)."""
+    def listed(items: Sequence[tuple[str, int]], unit: str) -> None:
+        for path, value in items[:MAX_LISTED_FILES]:
+            write(f"  {path}: {value} {unit}")
+        if len(items) > MAX_LISTED_FILES:
+            write(f"  ... and {len(items) - MAX_LISTED_FILES} more")
+
+    if result.other_rate:
+        rates = sorted({rate for _, rate in result.other_rate})
+        write(f"{len(result.other_rate)} file(s) are not at {sample_rate} Hz ({', '.join(map(str, rates))} Hz): "
+              "written, but training refuses them (no resampling, as fairseq); resample them or pass --sample-rate:")
+        listed(result.other_rate, "Hz")
+    if result.multichannel:
+        write(f"{len(result.multichannel)} file(s) have more than one channel: written; reading averages the "
+              "channels to mono, as fairseq does:")
+        listed(result.multichannel, "channels")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("root", metavar="ROOT", help="directory searched recursively for audio files")
     parser.add_argument("--dest", default=".", help="output directory for train.tsv / valid.tsv")
@@ -237,9 +206,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--path-must-contain", default=None, metavar="S", help="keep only files whose real path contains S"
     )
     parser.add_argument(
+        "--sample-rate", type=int, default=16_000,
+        help="rate the models take (Hz); files at another rate are reported (0: do not check)",
+    )
+    parser.add_argument(
         "--strict",
         action="store_true",
-        help="unreadable or empty files are an error instead of being left out",
+        help="unreadable or empty files, and files at another rate, are an error instead of a report",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="header-reading processes (default: all available cores)"
@@ -251,19 +224,22 @@ def main(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr)
 
     dest = Path(args.dest)
+    sample_rate = args.sample_rate or None
     try:
         result = build_manifest(
-            args.root, args.ext, args.valid_percent, args.seed, args.path_must_contain, args.workers
+            args.root, args.ext, args.valid_percent, args.seed, args.path_must_contain, args.workers,
+            sample_rate=sample_rate,
         )
     except (FileNotFoundError, ValueError) as error:
         to_stderr(f"manifest: {error}")
         return 2
     dest.mkdir(parents=True, exist_ok=True)
     report_skipped(result.skipped, dest / SKIPPED_FILE_NAME, to_stderr)
-    if result.skipped and args.strict:
+    report_formats(result, sample_rate, to_stderr)
+    if (result.skipped or result.other_rate) and args.strict:
         to_stderr(
-            f"manifest: --strict: {len(result.skipped)} unusable file(s) under {result.root}; "
-            "no manifest written"
+            f"manifest: --strict: {len(result.skipped)} unusable file(s) and {len(result.other_rate)} at another "
+            f"rate than {sample_rate} Hz under {result.root}; no manifest written"
         )
         return 1
     write_manifest(dest / "train.tsv", result.root, result.train)

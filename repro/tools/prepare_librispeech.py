@@ -16,11 +16,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from repro.data.audio_headers import read_headers
 from repro.data.librispeech import SPLITS, TranscriptError, locate_split
 from repro.data.manifest import write_manifest
 from repro.tools.dictionary import count_tokens, dictionary_from_counts
 from repro.tools.labels import write_labels
-from repro.tools.manifest import find_audio_files, read_frames, report_skipped, split_entries
+from repro.tools.manifest import find_audio_files, report_skipped, split_entries
 
 ASSUMED_SAMPLE_RATE = 16_000  # LibriSpeech; only used for the hours column of the summary
 
@@ -97,7 +98,7 @@ def prepare(
     }
     unique_files = sorted({path for paths in files_by_split.values() for path in paths})
     header_results = dict(
-        zip(unique_files, read_frames(unique_files, workers=workers, progress=progress), strict=True)
+        zip(unique_files, read_headers(unique_files, workers=workers, progress=progress), strict=True)
     )
 
     dest.mkdir(parents=True, exist_ok=True)

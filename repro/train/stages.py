@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from repro.data.audio_headers import check_split_audio
 from repro.tasks import task_module
 from repro.tasks.common import SplitData, model_config  # noqa: F401  (model_config: public helper)
 from repro.train.checkpoint import CheckpointManager
@@ -35,6 +36,8 @@ def run_training(cfg: DictConfig, run_dir: Path, tracker: Any, stage: str) -> di
         resume = CheckpointManager(Path(run_dir) / cfg.checkpoint.save_dir).load_latest(expected_kind=task.KIND)
         torch.manual_seed(int(cfg.common.seed))  # the initial weights
         setup = task.build(cfg, resume[0] if resume else None)
+        for split in (setup.train, *setup.valid):  # a bad audio file is named now, not when its batch comes
+            check_split_audio(split.dataset, progress=context.is_master)
         trainer = Trainer(cfg, setup.model, setup.hooks, setup.train, setup.valid, Path(run_dir), tracker, context)
         _announce(trainer, stage, setup.train)
         metrics = trainer.fit(preloaded=resume)

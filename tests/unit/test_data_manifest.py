@@ -10,7 +10,6 @@ import soundfile
 from repro.data.audio import AudioError, read_audio
 from repro.data.manifest import ManifestEntry, ManifestError, read_manifest, write_manifest
 from repro.tools import __main__ as tools
-from repro.tools import manifest as manifest_tool
 
 
 def write_flac(
@@ -107,15 +106,27 @@ def test_bad_files_listed_and_left_out(tmp_path: Path, capsys: pytest.CaptureFix
     assert not (tmp_path / "strict" / "train.tsv").exists()
 
 
-def test_parallel_header_reading_matches_sequential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    make_tree(tmp_path / "audio", 24)
-    (tmp_path / "audio" / "bad.flac").write_bytes(b"junk")
-    paths = manifest_tool.find_audio_files(tmp_path / "audio", "flac")
-    sequential = manifest_tool.read_frames(paths, workers=1, progress=False)
-    monkeypatch.setattr(manifest_tool, "MIN_FILES_FOR_POOL", 0)
-    parallel = manifest_tool.read_frames(paths, workers=2, progress=False)
-    assert parallel == sequential
-    assert sum(error is not None for _, error in parallel) == 1
+def test_other_rates_and_channels_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    expected = make_tree(tmp_path / "audio", 4)
+    narrow = tmp_path / "audio" / "narrow.flac"
+    write_flac(narrow, 500, sample_rate=8000)
+    stereo = tmp_path / "audio" / "stereo.flac"
+    write_flac(stereo, 600, channels=2)
+    assert run_manifest(tmp_path / "audio", tmp_path / "out", "--valid-percent", "0") == 0
+    rows = (tmp_path / "out" / "train.tsv").read_text().splitlines()[1:]
+    assert rows == sorted([f"{rel}\t{n}" for rel, n in expected.items()] + ["narrow.flac\t500", "stereo.flac\t600"])
+    err = capsys.readouterr().err.splitlines()
+    err = err[next(i for i, line in enumerate(err) if line.startswith("1 file(s) are not")):]  # after the bar
+    assert err[0] == ("1 file(s) are not at 16000 Hz (8000 Hz): written, but training refuses them (no resampling, "
+                      "as fairseq); resample them or pass --sample-rate:")
+    assert err[1] == f"  {narrow.resolve()}: 8000 Hz"
+    assert err[2].startswith("1 file(s) have more than one channel") and err[3] == f"  {stereo.resolve()}: 2 channels"
+    # --sample-rate names the rate the data is meant to have; --strict refuses another rate.
+    assert run_manifest(tmp_path / "audio", tmp_path / "8k", "--valid-percent", "0", "--sample-rate", "8000") == 0
+    assert "5 file(s) are not at 8000 Hz (16000 Hz)" in capsys.readouterr().err
+    assert run_manifest(tmp_path / "audio", tmp_path / "strict", "--valid-percent", "0", "--strict") == 1
+    assert "1 at another rate than 16000 Hz" in capsys.readouterr().err
+    assert not (tmp_path / "strict" / "train.tsv").exists()
 
 
 def test_read_manifest_round_trip_and_errors(tmp_path: Path) -> None:
