@@ -199,6 +199,21 @@ class TaskConfig:
     """Drop utterances shorter than this many samples (labels skip the same rows)."""
     eval_wer: bool = False
     """Compute WER during validation (fine-tuning)."""
+    # --- masked_lm (RoBERTa on discrete units; fairseq's masked_lm task) ------------------------
+    tokens_per_sample: int = 512
+    """masked_lm: longest sample in tokens, <s> and </s> included (fairseq tokens_per_sample)."""
+    mask_prob: float = 0.15
+    """masked_lm: tokens masked per sample = mask_prob * len / mask_multiple_length span starts."""
+    leave_unmasked_prob: float = 0.1
+    """masked_lm: fraction of the masked positions left unchanged (still predicted)."""
+    random_token_prob: float = 0.1
+    """masked_lm: fraction of the masked positions replaced by a random non-special symbol."""
+    mask_multiple_length: int = 1
+    """masked_lm: mean span length of a mask (vq-wav2vec BERT: 10)."""
+    mask_stdev: float = 0.0
+    """masked_lm: standard deviation of the span length (0 = every span mask_multiple_length long)."""
+    source_ext: str = "src"
+    """Extension of the unit files `<split>.<source_ext>` (one utterance per line, tokenize's output)."""
 
 
 @dataclass
@@ -210,7 +225,7 @@ class ModelConfig:
     """
 
     _name: str = "wav2vec2"
-    """'wav2vec2' (pretraining) or 'wav2vec_ctc' (fine-tuning with a CTC head)."""
+    """'wav2vec2' (pretraining), 'wav2vec_ctc' (fine-tuning with a CTC head), 'roberta' / 'roberta_ctc' (units)."""
     # --- feature extractor ------------------------------------------------------------------
     extractor_mode: str = "default"
     """'default': GroupNorm on the first conv block only; 'layer_norm': LayerNorm in every block."""
@@ -321,6 +336,9 @@ class ModelConfig:
     """Only the CTC projection trains for this many updates."""
     normalize: bool | None = None
     """Waveform normalization of the pretrained model (None = take task.normalize)."""
+    # --- RoBERTa on discrete units (roberta, roberta_ctc) ---------------------------------------
+    max_positions: int = 512
+    """RoBERTa: learned positional embeddings, tokens per sequence including <s> and </s>."""
 
 
 # The 2019 wav2vec stacks (Schneider et al. §2; fairseq examples/wav2vec/README.md).
@@ -425,7 +443,7 @@ def stored_model_config(model_cfg: Any) -> dict[str, Any]:
 @dataclass
 class CriterionConfig:
     _name: str = "wav2vec"
-    """'wav2vec' (contrastive) or 'ctc'."""
+    """'wav2vec' (contrastive), 'ctc' or 'masked_lm' (RoBERTa on units)."""
     infonce: bool = True
     """Cross-entropy over (positive, distractors) instead of binary cross-entropy (wav2vec v1)."""
     loss_weights: list[float] | None= non_negative(None)

@@ -627,10 +627,12 @@ def _reorder_rows(tensor: torch.Tensor, rows: list[int | None] | None, bias: boo
 def load_any(source: str | Path, dictionary_path: str | Path | None = None) -> LoadedModel:
     """A fairseq file, one of ours or an HF folder, with `dictionary_path` filling in a missing dictionary."""
     source = Path(source)
-    if is_hf_folder(source):
-        loaded = load_hf(source)
-    else:
-        loaded = load(source)
+    loaded = load_hf(source) if is_hf_folder(source) else load(source)
+    return attach_dictionary(loaded, dictionary_path, source)
+
+
+def attach_dictionary(loaded: LoadedModel, dictionary_path: str | Path | None, source: str | Path) -> LoadedModel:
+    """`loaded` with the target dictionary of `dictionary_path` (checked against a stored one and the CTC head)."""
     if dictionary_path is not None:
         try:
             given = Dictionary.load(dictionary_path)

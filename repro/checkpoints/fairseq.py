@@ -560,17 +560,32 @@ def describe_foreign_dict(raw: dict[str, Any]) -> str:
     return "a dict with top-level keys " + ", ".join(sorted(keys)[:8])
 
 
+def _roberta_loader() -> Any:
+    """repro.checkpoints.roberta.load_roberta_raw (imported late: that module builds on this one)."""
+    from repro.checkpoints.roberta import load_roberta_raw
+
+    return load_roberta_raw
+
+
 def load(path: str | Path) -> LoadedModel:
-    """Load a wav2vec 2.0 (pretrained or CTC), wav2vec or vq-wav2vec checkpoint: fairseq's (any era) or ours."""
+    """Load a wav2vec 2.0 (pretrained or CTC), wav2vec or vq-wav2vec checkpoint: fairseq's (any era) or ours.
+
+    RoBERTa units models (fairseq arch roberta*, our kinds roberta / roberta_ctc) are loaded by
+    repro.checkpoints.roberta, with the dict.txt beside the file.
+    """
     path = Path(path)
     raw = safe_load(path)
     if "format" in raw:
         if raw["format"] != FORMAT:
             raise CheckpointError(f"{path}: format {raw['format']!r} is not {FORMAT!r}")
+        if raw.get("kind") in ("roberta", "roberta_ctc"):  # units models: repro.checkpoints.roberta
+            return _roberta_loader()(raw, path)
         return _load_repro(raw, path)
     if "model" not in raw or (raw.get("args") is None and raw.get("cfg") is None):
         raise NotWav2Vec2Error(f"{path}: not a fairseq or repro checkpoint: {describe_foreign_dict(raw)}")
     stored = stored_config(raw, path)
+    if stored.arch.startswith("roberta"):
+        return _roberta_loader()(raw, path)
     kind = check_architecture(stored, path)
     model_cfg = model_config_from_stored(stored, kind, path)
     task_cfg = task_config_from_stored(stored)

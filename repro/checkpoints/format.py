@@ -2,7 +2,7 @@
 
 A file is a dict (CONTRACTS.md):
 
-    {"format": "repro-checkpoint-v1", "kind": "wav2vec2" | "wav2vec_ctc",
+    {"format": "repro-checkpoint-v1", "kind": "wav2vec2" | "wav2vec_ctc" | "roberta" | "roberta_ctc",
      "model": state_dict, "model_cfg": dict, "task_cfg": dict,
      "dictionary": list[str] | None,     # Dictionary.symbols, the 4 specials included
      "train_state": ...}                  # trainer files only
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 FORMAT = "repro-checkpoint-v1"
-KINDS = ("wav2vec2", "wav2vec_ctc", "wav2vec")
-"""Model kinds of our files: wav2vec 2.0 pretrained, CTC fine-tuned, wav2vec / vq-wav2vec."""
+KINDS = ("wav2vec2", "wav2vec_ctc", "wav2vec", "roberta", "roberta_ctc")
+"""Model kinds of our files: wav2vec 2.0 pretrained, CTC fine-tuned, wav2vec / vq-wav2vec, RoBERTa on units."""
 PICKLE_PROTOCOL_BYTE = b"\x80"
 ZIP_MAGIC = b"PK\x03\x04"
 

@@ -62,6 +62,12 @@ class Dictionary:
             dictionary._add(symbol, count=0)
         return dictionary
 
+    def add_symbol(self, symbol: str) -> int:
+        """Index of `symbol`, appended at the end when absent (fairseq's add_symbol, e.g. masked_lm's `<mask>`)."""
+        if symbol in self._indices:
+            return self._indices[symbol]
+        return self._add(symbol, count=1)
+
     @classmethod
     def load(cls, path: str | Path) -> Dictionary:
         """Read fairseq's `<symbol> <count>[ #fairseq:overwrite]` lines (e.g. dict.ltr.txt)."""

@@ -26,6 +26,7 @@ from repro.config import DecodeConfig
 from repro.data.batching import batch_by_size, ordered_indices
 from repro.data.dataset import FileAudioDataset, load_labels
 from repro.data.dictionary import Dictionary
+from repro.data.units import LabeledUnitDataset
 from repro.decode.lexicon import build_decoder
 from repro.decode.viterbi import lengths_from_padding_mask
 from repro.decode.wer import CorpusScore, UtteranceResult, score_results, units_to_words, write_results
@@ -79,6 +80,19 @@ def load_split(data_dir: str | Path, split: str, dictionary: Dictionary, labels:
     return SplitData(split, dataset, references, manifest)
 
 
+def load_unit_split(data_dir: str | Path, split: str, units: Dictionary, dictionary: Dictionary,
+                    labels: str | None, source_ext: str) -> SplitData:
+    """`<data>/<split>.<source_ext>` units (RoBERTa CTC models) with their `<split>.<labels>` references."""
+    source = Path(data_dir) / f"{split}.{source_ext}"
+    label_path = Path(data_dir) / f"{split}.{labels or 'ltr'}"
+    if not label_path.exists():
+        raise EvaluationError(f"label file {label_path} does not exist (needed to score split {split!r})")
+    line_count = sum(1 for _ in source.open(encoding="utf-8"))
+    references = load_labels(label_path, dictionary, set(), line_count, source)
+    dataset = LabeledUnitDataset(source, units, references, dictionary.pad)
+    return SplitData(split, dataset, dataset.labels, source)  # type: ignore[arg-type]
+
+
 def load_target_dictionary(data_dir: str | Path, labels: str | None, checkpoint_dictionary: Dictionary | None,
                            vocab_size: int | None = None) -> Dictionary:
     """`<data>/dict.<labels>.txt` as fairseq's task reads it, else the dictionary stored in the checkpoint."""
@@ -97,7 +111,7 @@ def load_target_dictionary(data_dir: str | Path, labels: str | None, checkpoint_
 
 
 def model_vocab_size(model: torch.nn.Module) -> int | None:
-    proj = getattr(getattr(model, "w2v_encoder", None), "proj", None)
+    proj = getattr(getattr(model, "w2v_encoder", None), "proj", None) or getattr(model, "proj", None)
     return int(proj.out_features) if proj is not None else None
 
 
@@ -117,10 +131,10 @@ def compute_emissions(model: torch.nn.Module, dataset: FileAudioDataset, max_tok
     for batch_indices in tqdm(batches, desc=f"emissions {dataset.manifest_path.stem}", unit="batch",
                               file=sys.stderr, disable=not progress):
         batch = dataset.collater([dataset[int(i)] for i in batch_indices])
-        source = batch["net_input"]["source"].to(device)
-        padding_mask = batch["net_input"]["padding_mask"]
-        padding_mask = padding_mask.to(device) if padding_mask is not None and padding_mask.any() else None
-        logits, frame_padding = model(source, padding_mask)  # (B, T, V), (B, T)
+        net_input = {key: value.to(device) for key, value in batch["net_input"].items() if value is not None}
+        if "padding_mask" in net_input and not net_input["padding_mask"].any():
+            del net_input["padding_mask"]  # no padding: the unmasked fast path
+        logits, frame_padding = model(**net_input)  # (B, T, V), (B, T)
         lengths = lengths_from_padding_mask(frame_padding, logits.shape[0], logits.shape[1])
         logits = logits.float().cpu()
         for row, item in enumerate(batch["id"].tolist()):
@@ -218,8 +232,11 @@ def run_evaluate(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[st
     if not checkpoint_path.exists():
         raise EvaluationError(f"checkpoint {checkpoint_path} does not exist (set common_eval.path / checkpoint=PATH)")
     loaded = load(checkpoint_path)
-    if loaded.kind != "wav2vec_ctc":
+    if loaded.kind not in ("wav2vec_ctc", "roberta_ctc"):
         raise EvaluationError(f"{checkpoint_path} holds a {loaded.kind!r} model; evaluation needs a fine-tuned CTC model")
+    # RoBERTa CTC models read units (`<split>.<task.source_ext>`, their pretraining dictionary), not audio
+    unit_symbols = loaded.task_cfg.get("unit_symbols") if loaded.kind == "roberta_ctc" else None
+    units = Dictionary.from_symbols(unit_symbols[4:]) if unit_symbols else None
     device = "cuda" if torch.cuda.is_available() and not cfg.common.cpu else "cpu"
     labels = cfg.task.labels or "ltr"
     dictionary = load_target_dictionary(cfg.task.data, labels, loaded.dictionary, model_vocab_size(loaded.model))
@@ -232,10 +249,14 @@ def run_evaluate(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[st
     post_process = cfg.common_eval.post_process
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for split_name in cfg.paper.eval_splits:
-        if not (Path(cfg.task.data) / f"{split_name}.tsv").exists():
-            log.warning("split %s has no manifest in %s; skipped", split_name, cfg.task.data)
+        extension = "tsv" if units is None else cfg.task.source_ext
+        if not (Path(cfg.task.data) / f"{split_name}.{extension}").exists():
+            log.warning("split %s has no %s file in %s; skipped", split_name, extension, cfg.task.data)
             continue
-        split = load_split(cfg.task.data, split_name, dictionary, labels, normalize, cfg.task.sample_rate)
+        if units is None:
+            split = load_split(cfg.task.data, split_name, dictionary, labels, normalize, cfg.task.sample_rate)
+        else:
+            split = load_unit_split(cfg.task.data, split_name, units, dictionary, labels, cfg.task.source_ext)
         key = emissions_cache_key(checkpoint_path, split.manifest_path, normalize)
         cache_path = cache_dir / f"{split_name}.pt"
         emissions = load_cached_emissions(cache_path, key)

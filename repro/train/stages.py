@@ -67,7 +67,9 @@ def _announce(trainer: Trainer, stage: str, train: SplitData) -> None:
     if not trainer.context.is_master:
         return
     parameters = sum(p.numel() for p in trainer.model.parameters())
-    hours = float(train.dataset.sizes.sum()) / float(trainer.cfg.task.sample_rate) / 3600
+    # audio: samples at task.sample_rate; units (masked_lm, roberta_ctc): one token per 10 ms frame
+    per_second = 100.0 if hasattr(train.dataset, "dictionary") else float(trainer.cfg.task.sample_rate)
+    hours = float(train.dataset.sizes.sum()) / per_second / 3600
     print(
         f"repro {stage}: {parameters / 1e6:.2f}M parameters, {len(train.dataset)} utterances ({hours:.2f} h), "
         f"{len(train.batches)} batches/epoch, world {trainer.context.world_size} x update_freq "
