@@ -113,8 +113,9 @@ def test_pretrained_units_model_fine_tunes_with_ctc_and_resumes(pretrained, tmp_
     assert np.isfinite(valid["loss"]) and 0 <= valid["uer"] and "wer" in valid
     fine_tuned = load(tmp_path / "ft" / "checkpoints" / "checkpoint_last.pt")
     assert fine_tuned.kind == "roberta_ctc" and fine_tuned.dictionary.symbols[4:] == ["|", *letters]
-    train(run_finetune, OmegaConf.merge(cfg, {"optimization": {"max_update": 12}}), tmp_path / "ft")  # resumes
-    assert [r["step"] for r in records(tmp_path / "ft", "train")] == [5, 10]
+    resumed = OmegaConf.merge(cfg, {"optimization": {"max_update": 15}, "checkpoint": {"reset_lr_scheduler": True}})
+    train(run_finetune, resumed, tmp_path / "ft")  # resumes at update 10 with the model's and units' setup
+    assert [r["step"] for r in records(tmp_path / "ft", "train")] == [5, 10, 15]
 
     # stage evaluate decodes the units of every split with the row's decoders
     evaluation = OmegaConf.merge(cfg, {"paper": {"eval_splits": ["valid", "test"], "decoding": ["viterbi"]}})
