@@ -68,6 +68,13 @@ def _rewrite_checkpoint_shorthand(argv: list[str]) -> list[str]:
     return ["common_eval.path=" + arg[len(prefix):] if arg.startswith(prefix) else arg for arg in argv]
 
 
+def _rewrite_plan_gpus(argv: list[str]) -> list[str]:
+    """`plan.gpus=8,16,32` (a table of GPU counts, not a sweep) -> `plan.gpus=[8,16,32]`."""
+    prefix = "plan.gpus="
+    return [f"{prefix}[{arg[len(prefix):]}]" if arg.startswith(prefix) and not arg[len(prefix):].startswith("[")
+            else arg for arg in argv]
+
+
 def run(cfg: DictConfig) -> tuple[int, object]:
     """Run the configured stages in order; return (process exit code, the last stage's result)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
@@ -83,6 +90,10 @@ def run(cfg: DictConfig) -> tuple[int, object]:
         from repro.launch import slurm  # submitit is only needed here
         if cfg.dry_run:
             print(slurm.describe_plan(cfg))
+            if cfg.plan.measure or cfg.plan.gpus:
+                from repro.launch.cost import describe_cost  # times real training steps with plan.measure
+
+                print(describe_cost(cfg))
             return 0, None
         if not slurm.inside_slurm_job():
             return slurm.submit(cfg, run_dir), None
@@ -158,5 +169,5 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    sys.argv = _rewrite_checkpoint_shorthand(sys.argv)
+    sys.argv = _rewrite_plan_gpus(_rewrite_checkpoint_shorthand(sys.argv))
     _hydra_main()

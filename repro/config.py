@@ -667,6 +667,20 @@ class PaperConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The cost planner of `dry_run=true` (repro.launch.cost)."""
+
+    measure: bool = False
+    """Time a few real training steps of the row's model at its per-GPU batch on this machine."""
+    gpus: list[int] = field(default_factory=list)
+    """GPU counts to tabulate (`plan.gpus=8,16,32`); empty = the cluster's world size."""
+    steps: int = 3
+    """Timed training steps (after one untimed warm-up step); the fastest is used."""
+    usd_per_gpu_hour: float | None = None
+    """Price of one GPU-hour for the cost column; None prints no cost."""
+
+
+@dataclass
 class DemoConfig:
     """The miniature end-to-end reproduction of `make demo` (stage `demo`)."""
 
@@ -722,6 +736,7 @@ class ReproConfig:
     """Named decoding setups (overrides of `decode`) evaluated by stage=evaluate."""
     paper: PaperConfig = field(default_factory=PaperConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
