@@ -22,6 +22,7 @@ from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Proce
 from transformers import Wav2Vec2ForCTC as HFForCTC
 from transformers import Wav2Vec2ForPreTraining as HFForPreTraining
 from transformers import Wav2Vec2Model as HFModel
+from w2v_refs import max_diff_valid, waveforms
 
 from repro.checkpoints.export import HF_WEIGHTS, hf_config_dict, load_hf
 from repro.checkpoints.format import atomic_save, model_file, read_checkpoint
@@ -54,22 +55,6 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias") or "mask_emb" in name:
                 param.add_(0.1 * torch.randn(param.shape, generator=gen))
-
-
-def waveforms(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    gen = torch.Generator().manual_seed(seed)
-    source = torch.randn(len(lengths), max(lengths), generator=gen)
-    padding = torch.zeros(source.shape, dtype=torch.bool)
-    for row, length in enumerate(lengths):
-        source[row, length:] = 0.0
-        padding[row, length:] = True
-    return source, (padding if bool(padding.any()) else None)
-
-
-def max_diff_valid(ours: torch.Tensor, theirs: torch.Tensor, frame_padding: torch.Tensor | None) -> float:
-    if frame_padding is not None:
-        ours, theirs = ours[~frame_padding], theirs[~frame_padding]
-    return (ours - theirs).abs().max().item()
 
 
 def save_ours(model: torch.nn.Module, cfg: ModelConfig, kind: str, path: Path,

@@ -12,6 +12,7 @@ import w2v_refs
 from transformers import Wav2Vec2ForCTC as HFForCTC
 from transformers import Wav2Vec2ForPreTraining as HFForPreTraining
 from transformers import Wav2Vec2Model as HFModel
+from w2v_refs import max_diff_valid, waveforms
 
 from repro.config import ModelConfig
 from repro.losses.contrastive import contrastive_loss
@@ -64,22 +65,6 @@ def small_cfg(**overrides) -> ModelConfig:
     )
     base.update(overrides)
     return ModelConfig(**base)
-
-
-def waveforms(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    gen = torch.Generator().manual_seed(seed)
-    source = torch.randn(len(lengths), max(lengths), generator=gen)
-    padding = torch.zeros(source.shape, dtype=torch.bool)
-    for row, length in enumerate(lengths):
-        source[row, length:] = 0.0
-        padding[row, length:] = True
-    return source, (padding if bool(padding.any()) else None)
-
-
-def max_diff_valid(a: torch.Tensor, b: torch.Tensor, frame_padding: torch.Tensor | None) -> float:
-    if frame_padding is not None:
-        a, b = a[~frame_padding], b[~frame_padding]
-    return (a - b).abs().max().item()
 
 
 @pytest.fixture(scope="module", params=list(STYLES))

@@ -4,10 +4,12 @@ from one of our ModelConfigs. The key mapping is the exporter's (repro.checkpoin
 
 from __future__ import annotations
 
+import torch
+
 from repro.checkpoints.export import hf_config_dict, to_hf_state, to_torchaudio_state, torchaudio_kwargs
 from repro.config import ModelConfig
 
-__all__ = ["build_torchaudio", "hf_config", "to_hf_state", "to_torchaudio_state"]
+__all__ = ["build_torchaudio", "hf_config", "max_diff_valid", "to_hf_state", "to_torchaudio_state", "waveforms"]
 
 
 def build_torchaudio(cfg: ModelConfig, aux_num_out: int | None = None):
@@ -27,3 +29,21 @@ def hf_config(cfg: ModelConfig, vocab_size: int = 32, **overrides):
         kwargs.pop(key)
     kwargs.update(mask_time_prob=0.05, final_dropout=0.0, **overrides)
     return Wav2Vec2Config(**kwargs)
+
+
+def waveforms(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random waveforms (batch, max length), zero beyond each length, and their padding mask (None: no padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    source = torch.randn(len(lengths), max(lengths), generator=gen)
+    padding = torch.zeros(source.shape, dtype=torch.bool)
+    for row, length in enumerate(lengths):
+        source[row, length:] = 0.0
+        padding[row, length:] = True
+    return source, (padding if bool(padding.any()) else None)
+
+
+def max_diff_valid(a: torch.Tensor, b: torch.Tensor, frame_padding: torch.Tensor | None) -> float:
+    """Largest absolute difference over the frames that are not padding."""
+    if frame_padding is not None:
+        a, b = a[~frame_padding], b[~frame_padding]
+    return (a - b).abs().max().item()
