@@ -70,6 +70,44 @@ def with_specials(units: np.ndarray, dictionary: Dictionary) -> np.ndarray:
     return np.concatenate([[dictionary.bos], units, [dictionary.eos]]).astype(np.int64)
 
 
+# --- synthetic units -----------------------------------------------------------------------------
+
+
+def synthetic_codes(groups: int = 2, per_group: int = 6, count: int | None = None) -> list[str]:
+    """Code strings "a-b" like a 2-group vq-wav2vec quantizer writes, in dictionary order."""
+    if groups != 2:
+        raise ValueError("synthetic codes have 2 groups, as vq-wav2vec")
+    codes = [f"{a}-{b}" for a in range(per_group) for b in range(per_group)]
+    return codes[:count] if count is not None else codes
+
+
+def synthetic_unit_corpus(count: int, rng: np.random.Generator, codes: list[str], words: int = 6,
+                          word_length: int = 4) -> list[str]:
+    """Utterances of unit 'words' (fixed code sequences, each code held 1-3 frames, 2-4 words per line).
+
+    Speech units repeat over consecutive 10 ms frames and recur in word-like sequences; a masked LM
+    can only beat the unigram baseline by using that context.
+    """
+    vocabulary = [rng.choice(len(codes), word_length, replace=False) for _ in range(words)]
+    lines = []
+    for _ in range(count):
+        units: list[str] = []
+        for word in rng.integers(0, words, rng.integers(2, 5)):
+            for code in vocabulary[int(word)]:
+                units.extend([codes[int(code)]] * int(rng.integers(1, 4)))
+        lines.append(" ".join(units))
+    return lines
+
+
+def unigram_accuracy(lines: list[str]) -> float:
+    """MLM accuracy of always predicting the most frequent symbol (<s> and </s> counted: they are maskable)."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        for code in ["<s>", *line.split(), "</s>"]:
+            counts[code] = counts.get(code, 0) + 1
+    return max(counts.values()) / sum(counts.values())
+
+
 # --- masking ------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "doctor": ("repro.tools.doctor", "what went wrong in a run directory: evidence and fix for each finding"),
     "featurize": ("repro.tools.featurize", "wav2vec features to h5 (fairseq wav2vec_featurize.py)"),
     "tokenize": ("repro.tools.tokenize", "vq-wav2vec units (fairseq vq-wav2vec_featurize.py)"),
+    "synth-units": ("repro.tools.synth_units", "a synthetic unit corpus (tokenize's format) for the RoBERTa rows"),
 }
 
 

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from repro.data.audio_headers import check_split_audio
+from repro.data.dataset import FileAudioDataset
 from repro.tasks import task_module
 from repro.tasks.common import SplitData, model_config  # noqa: F401  (model_config: public helper)
 from repro.train.checkpoint import CheckpointManager
@@ -37,7 +38,8 @@ def run_training(cfg: DictConfig, run_dir: Path, tracker: Any, stage: str) -> di
         torch.manual_seed(int(cfg.common.seed))  # the initial weights
         setup = task.build(cfg, resume[0] if resume else None)
         for split in (setup.train, *setup.valid):  # a bad audio file is named now, not when its batch comes
-            check_split_audio(split.dataset, progress=context.is_master)
+            if isinstance(split.dataset, FileAudioDataset):  # unit files (masked_lm, roberta_ctc) have no audio
+                check_split_audio(split.dataset, progress=context.is_master)
         trainer = Trainer(cfg, setup.model, setup.hooks, setup.train, setup.valid, Path(run_dir), tracker, context)
         _announce(trainer, stage, setup.train)
         metrics = trainer.fit(preloaded=resume)

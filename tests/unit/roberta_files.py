@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from repro.data.units import synthetic_codes, synthetic_unit_corpus  # noqa: F401  (re-exported for the tests)
 
 DIM, FFN, HEADS, LAYERS, MAX_POSITIONS = 32, 64, 4, 2, 40
 GROUP_SIZE = 6  # codes "a-b" with a, b < GROUP_SIZE
@@ -21,7 +22,7 @@ GROUP_SIZE = 6  # codes "a-b" with a, b < GROUP_SIZE
 
 def unit_codes(count: int) -> list[str]:
     """`count` distinct vq-wav2vec style code strings, in the order a dict.txt would list them."""
-    return [f"{a}-{b}" for a in range(GROUP_SIZE) for b in range(GROUP_SIZE)][:count]
+    return synthetic_codes(per_group=GROUP_SIZE, count=count)
 
 
 def write_unit_dictionary(path: Path, codes: list[str]) -> Path:
@@ -96,17 +97,3 @@ def to_current_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
                for key, value in state.items()}
     current["encoder.sentence_encoder.version"] = torch.tensor([3.0])
     return current
-
-
-def synthetic_unit_corpus(count: int, rng: np.random.Generator, codes: list[str], words: int = 6,
-                          word_length: int = 4) -> list[str]:
-    """Utterances of unit 'words' (fixed code sequences, each code held 1-3 frames), like speech units."""
-    vocabulary = [rng.choice(len(codes), word_length, replace=False) for _ in range(words)]
-    lines = []
-    for _ in range(count):
-        units: list[str] = []
-        for word in rng.integers(0, words, rng.integers(2, 5)):
-            for code in vocabulary[int(word)]:
-                units.extend([codes[int(code)]] * int(rng.integers(1, 4)))
-        lines.append(" ".join(units))
-    return lines

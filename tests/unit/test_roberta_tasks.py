@@ -5,7 +5,6 @@ released file fine-tunes too."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from roberta_files import synthetic_unit_corpus, unit_codes, write_2019_checkpoi
 
 from repro.checkpoints.fairseq import load
 from repro.config import ReproConfig
-from repro.data.units import UnitFileError
+from repro.data.units import UnitFileError, unigram_accuracy
 from repro.decode.evaluate import run_evaluate
 from repro.track.jsonl import JsonlTracker
 from repro.train.stages import run_finetune, run_pretrain
@@ -66,12 +65,6 @@ def train(stage, cfg, run_dir: Path) -> None:
     tracker = JsonlTracker(run_dir)
     stage(cfg, run_dir, tracker)
     tracker.finish()
-
-
-def unigram_accuracy(lines: list[str]) -> float:
-    """Accuracy of always predicting the most frequent symbol (<s> and </s> counted: they are maskable)."""
-    counts = Counter(code for line in lines for code in ["<s>", *line.split(), "</s>"])
-    return max(counts.values()) / sum(counts.values())
 
 
 @pytest.fixture(scope="module")
