@@ -53,3 +53,21 @@ def test_finetuning_rows_cite_the_paper_and_set_its_dropout(rows, split):
     assert cfg.model.apply_mask and cfg.stages[-2:] == ["finetune", "evaluate"]
     assert list(cfg.paper.decoding) == ["viterbi", "kenlm_4gram"]
     assert "kenlm_4gram" in cfg.decodings and cfg.decodings.kenlm_4gram.type == "kenlm"
+
+
+def test_synth_units_writes_what_the_masked_lm_task_reads(tmp_path):
+    import argparse
+
+    from repro.data.units import MaskedUnitDataset, MaskingConfig, load_unit_dictionary
+    from repro.tools import synth_units
+
+    assert synth_units.main(argparse.Namespace(dest=tmp_path, utterances=50, codes_per_group=4, seed=3)) == 0
+    dictionary, mask_index = load_unit_dictionary(tmp_path / "dict.txt")
+    counts = dictionary.counts[dictionary.nspecial:-1]
+    assert counts == sorted(counts, reverse=True)  # fairseq preprocess order: most frequent first
+    for split, lines in (("train", 50), ("valid", 5)):
+        dataset = MaskedUnitDataset(tmp_path / f"{split}.src", dictionary, mask_index, MaskingConfig())
+        assert len(dataset) == lines
+    first = (tmp_path / "train.src").read_text()
+    synth_units.main(argparse.Namespace(dest=tmp_path, utterances=50, codes_per_group=4, seed=3))
+    assert (tmp_path / "train.src").read_text() == first  # same seed, same bytes
