@@ -230,7 +230,10 @@ def check_stuck_wer(run: RunRecord) -> list[Finding]:
                             f"{100 * lr(updates) / peak:.0f}% of the peak {peak:g}")
             fixes.append("train past the warmup (CTC fine-tuning emits only blanks for its first thousands of "
                          "updates)")
-    if not fixes:
+    if not fixes and blank is not None and blank[0] < ALL_BLANK_FRAMES:
+        fixes.append("the model emits symbols, but not the right ones: check that the labels match the audio "
+                     "and the dictionary (see the other findings), then train longer")
+    elif not fixes:
         fixes.append("train longer or with a higher optimization.lr (CTC models emit only blanks until the "
                      "alignment is found); check that the labels match the audio (see the other findings)")
     return [Finding("wer_stuck", title, evidence, "; ".join(fixes))]
