@@ -47,6 +47,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _adam(model: torch.nn.Module, device: str) -> torch.optim.Optimizer:
+    """The same optimizer for both implementations (torch's fused Adam on CUDA): only the models differ."""
+    return torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, fused=device == "cuda")
+
+
 def time_steps(step, steps: int, device: str) -> tuple[float, float]:
     """(best step seconds, peak memory GiB) of `steps` calls after one warm-up."""
     step()
@@ -75,7 +80,7 @@ def pretraining_pair(cfg, batch: int, samples: int, device: str):
     closures = {}
     for name, model in (("ours", ours), ("hf", hf)):
         model.to(device).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, fused=device == "cuda")
+        optimizer = _adam(model, device)
         if name == "ours":
             def forward(model=model):
                 return contrastive_loss(model(source, mask_indices=mask, negative_indices=negatives), [0.1, 10.0])[0]
@@ -109,7 +114,7 @@ def finetuning_pair(cfg, batch: int, samples: int, device: str):
     closures = {}
     for name, model in (("ours", ours), ("hf", hf)):
         model.to(device).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, fused=device == "cuda")
+        optimizer = _adam(model, device)
         if name == "ours":
             def forward(model=model):
                 logits, padding = model(source)
