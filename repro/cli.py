@@ -15,7 +15,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from repro.config import CONF_DIR, STAGES, ConfigError, check_ranges, register_configs
 from repro.track import build_tracker
@@ -29,7 +29,7 @@ STAGE_IMPLEMENTATIONS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("repro.train.stages", "run_pretrain", "wav2vec 2.0 pretraining"),
     "finetune": ("repro.train.stages", "run_finetune", "CTC fine-tuning"),
     "evaluate": ("repro.decode.evaluate", "run_evaluate", "decoding and WER scoring of a checkpoint"),
-    "pseudo_label": ("repro.train.self_training", "run_pseudo_label",
+    "pseudo_label": ("repro.launch.pseudo_label", "run_pseudo_label",
                      "pseudo-labelling unlabeled audio for self-training (Xu et al. 2020)"),
     "featurize": ("repro.models.featurize", "run_featurize", "wav2vec / vq-wav2vec feature extraction"),
     "tokenize": ("repro.models.featurize", "run_tokenize", "vq-wav2vec tokenization of audio into discrete units"),
@@ -96,6 +96,13 @@ def run(cfg: DictConfig) -> tuple[int, object]:
                 print(describe_cost(cfg))
             return 0, None
         if not slurm.inside_slurm_job():
+            if "pseudo_label" in stages:  # its own SLURM job array, submitted and awaited from here
+                run_stages(cfg, run_dir, name=cfg.experiment, stages=[implementations[stages.index("pseudo_label")]],
+                           gpus=0, tracker=build_tracker(cfg, run_dir))
+                stages = [stage for stage in stages if stage != "pseudo_label"]
+                if not stages:
+                    return 0, None
+                cfg = OmegaConf.merge(cfg, {"stage": None, "stages": stages})  # the job resumes after labelling
             return slurm.submit(cfg, run_dir), None
 
     # One launch per run directory: its first process holds the lock (the other ranks share the

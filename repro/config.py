@@ -681,6 +681,49 @@ class PlanConfig:
 
 
 @dataclass
+class SelfTrainingConfig:
+    """Self-training (Xu et al. 2021, arXiv 2010.11430): pseudo-label unlabeled audio, then re-fine-tune.
+
+    Stage `pseudo_label` decodes `unlabeled_data` with a fine-tuned CTC model and an LM and writes
+    fairseq `.tsv` / `.ltr` / `.wrd` files plus the combined labeled + pseudo-labeled training split,
+    which stage `finetune` then trains on (the paper's "ctc ft" model, §2.3).
+    """
+
+    unlabeled_data: str | None = None
+    """Manifest (.tsv) of the audio to pseudo-label (Xu et al. §3.1: LV-60k or LS-960); None = not a self-training run."""
+    labeling_checkpoint: str | None = None
+    """Fine-tuned CTC model that labels (Xu et al. §2.3: the pretrained model fine-tuned on the labeled split)."""
+    labeling_decoding: str = "kenlm_4gram"
+    """Entry of `decodings` that labels (Xu et al. §3.3: lexicon beam search with the 4-gram LM)."""
+    labeling_decode: dict[str, Any] = field(default_factory=dict)
+    """Overrides of that entry for labelling only (Xu et al. §3.3: beam 800, where evaluation uses 1500)."""
+    output_dir: str | None = None
+    """Where the pseudo-labels and the combined split are written; None = `<run dir>/pseudo_labels`."""
+    name: str = "pseudo"
+    """Base name of the pseudo-label files: `<name>.tsv`, `<name>.ltr`, `<name>.wrd`, `<name>.scores.tsv`."""
+    combined_subset: str = "train_st"
+    """Name of the labeled + pseudo-labeled training split that `finetune` trains on."""
+    include_labeled: bool = True
+    """Add the labeled split (`dataset.train_subset`) to the pseudo-labels (Xu et al. §2.3); false = pseudo-labels only."""
+    num_shards: int = 1
+    """Shards of the unlabeled manifest; each is labelled by one job (SLURM array task) or local process."""
+    workers: int = 1
+    """Local processes labelling shards at once (cluster=local)."""
+    max_retries: int = 2
+    """How many times a failed shard is re-run alone before the stage gives up."""
+    shard_gpus: int = 1
+    """GPUs per SLURM array task (emissions run on the GPU, the beam search on the task's CPUs)."""
+    array_parallelism: int = 64
+    """At most this many array tasks run at once on SLURM."""
+    min_score_per_frame: float | None = None
+    """Drop pseudo-labels whose decoder score per emission frame is lower; None = keep all (Xu et al. do not filter, §2.2)."""
+    length_ratio: list[float] | None = None
+    """[min, max] letters per second of audio a pseudo-label must have; None = no length filter (Xu et al. §2.2)."""
+    drop_empty: bool = False
+    """Drop utterances whose pseudo-label has no word (off: the paper keeps every label)."""
+
+
+@dataclass
 class DemoConfig:
     """The miniature end-to-end reproduction of `make demo` (stage `demo`)."""
 
@@ -737,6 +780,7 @@ class ReproConfig:
     paper: PaperConfig = field(default_factory=PaperConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
 
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"

@@ -164,6 +164,13 @@ def executor_parameters(cfg: DictConfig, plan: LaunchPlan) -> dict[str, object]:
     }
     if plan.gpus_per_node > 0:
         params["gpus_per_node"] = plan.gpus_per_node
+    params.update(placement_parameters(cluster))
+    return params
+
+
+def placement_parameters(cluster: DictConfig) -> dict[str, object]:
+    """Memory, partition, account, QOS and constraint of `cluster` as submitit keywords (those that are set)."""
+    params: dict[str, object] = {}
     if cluster.mem_gb is not None:
         params["mem_gb"] = int(cluster.mem_gb)
     for key in ("partition", "account", "qos", "constraint"):

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from repro.launch.plan import LaunchPlan, executor_parameters, plan_launch
 from repro.launch.preemption import clear_stop_request, request_stop, stop_requested
+from repro.launch.pseudo_label import describe_pseudo_label
 
 JOB_MARKER_ENV = "REPRO_SLURM_JOB"
 """Set to 1 for the training process a SlurmStageJob starts."""
@@ -107,6 +108,8 @@ def describe_plan(cfg: DictConfig) -> str:
     else:
         lines.append(f"paper compute: {plan.paper_gpus or '?'} x {plan.paper_gpu_type or 'GPU'}, "
                      "hours not given in the sources")
+    if "pseudo_label" in ([cfg.stage] if cfg.stage else cfg.stages):
+        lines += describe_pseudo_label(cfg)
     lines.append("resolved config:")
     lines.append(OmegaConf.to_yaml(_job_config(cfg, plan), resolve=True).rstrip())
     return "\n".join(lines)

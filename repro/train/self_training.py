@@ -1,0 +1,553 @@
+"""Self-training (Xu et al. 2021, "Self-training and Pre-training are Complementary", arXiv 2010.11430).
+
+The procedure (§2.2-2.3, §3.3): a pretrained wav2vec 2.0 model fine-tuned on the labeled split labels
+the unlabeled audio with a lexicon beam search and an LM (the paper: 4-gram, beam 800); the labels are
+not filtered and not iterated (one round); the final "ctc ft" model fine-tunes the same pretrained
+checkpoint again on labeled + pseudo-labeled data.
+
+This module holds the pieces, each a plain function over files so that any process can run them:
+
+* `prepare_labeling` checks every input before work starts (audio present, a CTC checkpoint, lexicon
+  and LM that fit the dictionary) and returns a picklable `LabelingSetup`;
+* `label_shard` labels rows [start, stop) of the manifest: emissions through the evaluate stage's
+  cache, the decoder, then `shard-*.{tsv,ltr,wrd,scores.tsv}` written atomically and a `.done.json`
+  marker last, so an interrupted shard is simply redone and a finished one never is;
+* `merge_shards` concatenates the shards in order, applies the optional filters and scores the labels
+  against hidden transcripts where the corpus has them;
+* `write_combined_split` adds the labeled split: one manifest and label set, each utterance once.
+
+Running the shards (in-process, a local process pool, or a SLURM job array) is repro/launch/pseudo_label.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from repro.checkpoints.fairseq import load as load_checkpoint
+from repro.data.batching import batch_by_size, ordered_indices
+from repro.data.dataset import FileAudioDataset
+from repro.data.dictionary import Dictionary
+from repro.data.librispeech import TranscriptError, TranscriptLookup, words_to_letters
+from repro.data.manifest import Manifest, ManifestEntry, format_manifest, read_manifest
+from repro.decode.evaluate import SplitData as EvalSplit
+from repro.decode.evaluate import (
+    compute_emissions,
+    decode_split,
+    decoding_setups,
+    emissions_cache_key,
+    file_sha256,
+    load_cached_emissions,
+    load_target_dictionary,
+    model_vocab_size,
+    save_cached_emissions,
+)
+from repro.decode.lexicon import (
+    build_decoder,
+    check_lm_coverage,
+    kenlm_vocabulary,
+    read_lexicon,
+    spelling_ids,
+)
+from repro.decode.wer import UtteranceResult, score_results, units_to_words
+
+log = logging.getLogger(__name__)
+
+SETUP_FORMAT = "repro-pseudo-label-v1"
+SCORES_HEADER = "id\taudio\tframes\tscore\tscore_per_frame"
+
+
+class PseudoLabelError(ValueError):
+    """Pseudo-labelling cannot run as configured (the message names the file, line or key)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: everything a shard needs, checked before any work
+
+
+@dataclass(frozen=True)
+class LabelingSetup:
+    """What labels the unlabeled manifest, in a form any process (local worker, SLURM task) can use."""
+
+    manifest: str
+    """Unlabeled manifest (.tsv)."""
+    rows: int
+    """Rows of the manifest."""
+    output_dir: str
+    """Pseudo-label directory."""
+    checkpoint: str
+    """Fine-tuned CTC model that labels."""
+    dictionary: tuple[str, ...]
+    """Target dictionary symbols (the model's output units)."""
+    decode: dict[str, Any]
+    """The decoding setup (fields of repro.config.DecodeConfig)."""
+    normalize: bool
+    """Waveform normalization the model was trained with."""
+    sample_rate: int
+    """Expected sample rate."""
+    max_tokens: int
+    """Audio samples per emission batch."""
+    post_process: str
+    """How label units become words ('letter')."""
+    cpu: bool
+    """Compute emissions on CPU even when a GPU is visible."""
+    fingerprint: str
+    """Hash of everything above that changes the labels: a shard made with another one is redone."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Some rows of the unlabeled manifest (ascending row numbers)."""
+
+    index: int
+    count: int
+    rows: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}-of-{self.count:05d}"
+
+    @property
+    def rows_digest(self) -> str:
+        return hashlib.sha256(",".join(map(str, self.rows)).encode()).hexdigest()[:16]
+
+
+def emission_batch_limit(sizes: np.ndarray, max_tokens: int) -> int:
+    """Samples per emission batch: max_tokens, or the longest utterance when it is longer (infer.py drops none)."""
+    return max(int(max_tokens), int(sizes.max()) if len(sizes) else 0)
+
+
+def plan_shards(sizes: Sequence[int] | np.ndarray, num_shards: int, max_tokens: int) -> list[Shard]:
+    """Split the manifest into shards made of whole emission batches of the unsharded run.
+
+    Emissions are computed in batches (longest first, grouped under max_tokens, as compute_emissions
+    does) and padding changes a batch's outputs (group-norm feature encoder), so a shard takes a run of
+    consecutive global batches: re-batching its rows gives the very same batches, and N shards label
+    exactly as one does. Batches are dealt in near-equal numbers (each holds about max_tokens samples).
+    """
+    if num_shards < 1:
+        raise PseudoLabelError(f"self_training.num_shards must be >= 1, got {num_shards}")
+    sizes = np.asarray(sizes, dtype=np.int64)
+    batches = batch_by_size(sizes, emission_batch_limit(sizes, max_tokens), required_batch_size_multiple=1,
+                            indices=ordered_indices(sizes))
+    groups = [group for group in np.array_split(np.arange(len(batches)), min(num_shards, max(len(batches), 1)))]
+    rows = [sorted(int(row) for batch in group for row in batches[batch]) for group in groups]
+    return [Shard(index, len(rows), tuple(shard_rows)) for index, shard_rows in enumerate(rows)]
+
+
+def output_dir(cfg: DictConfig, run_dir: Path) -> Path:
+    """`self_training.output_dir`, else `<run dir>/pseudo_labels`."""
+    configured = cfg.self_training.output_dir
+    return Path(configured) if configured else Path(run_dir) / "pseudo_labels"
+
+
+def labeling_checkpoint(cfg: DictConfig) -> Path:
+    """The labelling model: `self_training.labeling_checkpoint`, which must be set."""
+    path = cfg.self_training.labeling_checkpoint
+    if not path:
+        raise PseudoLabelError("self_training.labeling_checkpoint is not set: the fine-tuned CTC model that labels "
+                               "(e.g. runs/<row>/checkpoints/checkpoint_best.pt or a released fairseq file)")
+    return Path(path)
+
+
+def labeling_decode(cfg: DictConfig) -> dict[str, Any]:
+    """The `decodings` entry named by `self_training.labeling_decoding`, with `labeling_decode` on top."""
+    name = cfg.self_training.labeling_decoding
+    named = dict(cfg.get("decodings") or {})
+    if name not in named and name != "viterbi":
+        raise PseudoLabelError(f"self_training.labeling_decoding={name!r} is not one of decodings "
+                               f"({', '.join(sorted(named)) or 'none'})")
+    probe = OmegaConf.merge(cfg, {"paper": {"decoding": [name]}})
+    setup = decoding_setups(probe)[name]
+    try:
+        merged = OmegaConf.merge(setup, cfg.self_training.labeling_decode or {})
+    except Exception as error:
+        raise PseudoLabelError(f"self_training.labeling_decode: {error}") from error
+    return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+
+
+def check_audio(manifest: Manifest) -> None:
+    """Every row's audio exists and no row repeats: else an error naming the manifest line."""
+    missing, seen = [], {}
+    for row, entry in enumerate(manifest.entries):
+        if entry.rel_path in seen:
+            raise PseudoLabelError(f"{manifest.path}:{row + 2}: {entry.rel_path} is listed twice "
+                                   f"(also line {seen[entry.rel_path] + 2})")
+        seen[entry.rel_path] = row
+        if not os.path.isfile(manifest.audio_path(row)):
+            missing.append(row)
+    if missing:
+        first = missing[0]
+        raise PseudoLabelError(f"{manifest.path}:{first + 2}: audio {manifest.audio_path(first)} does not exist "
+                               f"({len(missing)} of {len(manifest)} rows point at missing files)")
+
+
+def check_decoder_inputs(decode: dict[str, Any], dictionary: Dictionary) -> None:
+    """Lexicon and LM exist and fit the dictionary, without loading a multi-GB n-gram (that is each shard's job)."""
+    kind = decode["type"]
+    if kind == "viterbi":
+        return
+    for key in ("lexicon", "lm_model"):
+        if not decode.get(key):
+            raise PseudoLabelError(f"{kind} labelling needs decode.{key}")
+        if not Path(decode[key]).is_file():
+            raise PseudoLabelError(f"{key} {decode[key]} does not exist")
+    lexicon = read_lexicon(decode["lexicon"])
+    spelling_ids(lexicon, dictionary, decode["lexicon"])  # a spelling unit the model cannot emit is an error
+    words = list(lexicon)
+    if kind == "kenlm":
+        vocabulary = kenlm_vocabulary(decode["lm_model"])
+        check_lm_coverage(words, [word in vocabulary for word in words], decode["lexicon"], decode["lm_model"])
+    else:
+        build_decoder(OmegaConf.create(decode), dictionary)
+
+
+def _fingerprint(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prepare_labeling(cfg: DictConfig, run_dir: Path) -> LabelingSetup:
+    """Check the inputs of stage `pseudo_label` and return the setup every shard runs with.
+
+    Raises PseudoLabelError (or the lexicon / checkpoint error) naming the file before any audio is decoded.
+    """
+    st = cfg.self_training
+    if not st.unlabeled_data:
+        raise PseudoLabelError("stage pseudo_label needs self_training.unlabeled_data (a manifest .tsv)")
+    manifest_path = Path(st.unlabeled_data)
+    if not manifest_path.is_file():
+        raise PseudoLabelError(f"self_training.unlabeled_data={manifest_path} does not exist")
+    manifest = read_manifest(manifest_path)
+    sizes = np.array([entry.num_samples for entry in manifest.entries], dtype=np.int64)
+    if not manifest.entries:
+        raise PseudoLabelError(f"{manifest_path}: the unlabeled manifest has no rows")
+    check_audio(manifest)
+
+    checkpoint = labeling_checkpoint(cfg)
+    if not checkpoint.is_file():
+        raise PseudoLabelError(f"self_training.labeling_checkpoint={checkpoint} does not exist")
+    loaded = load_checkpoint(checkpoint)
+    if loaded.kind != "wav2vec_ctc":
+        raise PseudoLabelError(f"{checkpoint} holds a {loaded.kind!r} model without a CTC head; labelling needs a "
+                               "fine-tuned CTC model (self_training.labeling_checkpoint)")
+    labels = cfg.task.labels or "ltr"
+    dictionary = load_target_dictionary(cfg.task.data, labels, loaded.dictionary, model_vocab_size(loaded.model))
+    normalize = bool(loaded.model_cfg.normalize if loaded.model_cfg.normalize is not None
+                     else (loaded.task_cfg or {}).get("normalize", cfg.task.normalize))
+    decode = labeling_decode(cfg)
+    check_decoder_inputs(decode, dictionary)
+    st_setup = {
+        "format": SETUP_FORMAT, "manifest": file_sha256(manifest_path), "checkpoint": file_sha256(checkpoint),
+        "dictionary": list(dictionary.symbols), "decode": decode, "normalize": normalize,
+        "post_process": cfg.common_eval.post_process,
+    }
+    return LabelingSetup(
+        manifest=str(manifest_path), rows=len(manifest), output_dir=str(output_dir(cfg, run_dir)),
+        checkpoint=str(checkpoint), dictionary=tuple(dictionary.symbols), decode=decode, normalize=normalize,
+        sample_rate=int(cfg.task.sample_rate),
+        max_tokens=emission_batch_limit(sizes, int(cfg.dataset.max_tokens or 4_000_000)),
+        post_process=str(cfg.common_eval.post_process), cpu=bool(cfg.common.cpu), fingerprint=_fingerprint(st_setup),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# One shard
+
+
+def shard_dir(setup: LabelingSetup) -> Path:
+    return Path(setup.output_dir) / "shards"
+
+
+def shard_files(setup: LabelingSetup, shard: Shard) -> dict[str, Path]:
+    """The files a finished shard has; `done` is written last."""
+    base = shard_dir(setup) / shard.name
+    return {kind: base.with_name(f"{shard.name}.{kind}")
+            for kind in ("input.tsv", "tsv", "ltr", "wrd", "scores.tsv", "done.json")}
+
+
+def shard_is_done(setup: LabelingSetup, shard: Shard) -> bool:
+    """True when the shard finished with this very setup (a marker from another setup does not count)."""
+    marker = shard_files(setup, shard)["done.json"]
+    if not marker.is_file():
+        return False
+    try:
+        record = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return False
+    return record.get("fingerprint") == setup.fingerprint and record.get("rows") == shard.rows_digest
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file, fsync and rename: a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def label_text(words: str) -> str:
+    """fairseq letter labels of a word string ('' for no words)."""
+    return words_to_letters(words) if words else ""
+
+
+def _device(setup: LabelingSetup) -> str:
+    return "cuda" if torch.cuda.is_available() and not setup.cpu else "cpu"
+
+
+def label_shard(setup: LabelingSetup, shard: Shard, progress: bool = True) -> dict[str, Any]:
+    """Label the shard's rows: emissions (cached), decoding, files written atomically, marker last.
+
+    A shard that finished with the same setup is not redone. Returns the shard's counts.
+    """
+    files = shard_files(setup, shard)
+    if shard_is_done(setup, shard):
+        return json.loads(files["done.json"].read_text())
+    manifest = read_manifest(setup.manifest)
+    entries = [manifest.entries[row] for row in shard.rows]
+    write_atomic(files["input.tsv"], format_manifest(manifest.root, entries))
+
+    dictionary = Dictionary.from_symbols(setup.dictionary[4:]) if _has_specials(setup.dictionary) else None
+    if dictionary is None or list(dictionary.symbols) != list(setup.dictionary):
+        raise PseudoLabelError(f"{setup.checkpoint}: dictionary {setup.dictionary[:6]}... does not start with "
+                               "fairseq's <s> <pad> </s> <unk>")
+    device = _device(setup)
+    dataset = FileAudioDataset(files["input.tsv"], sample_rate=setup.sample_rate, pad=True, normalize=setup.normalize)
+    cache_path = Path(setup.output_dir) / "emissions" / f"{shard.name}.pt"
+    key = emissions_cache_key(setup.checkpoint, files["input.tsv"], setup.normalize)
+    emissions = load_cached_emissions(cache_path, key)
+    if emissions is None:
+        loaded = load_checkpoint(setup.checkpoint)
+        emissions = compute_emissions(loaded.model, dataset, setup.max_tokens, device, progress=progress)
+        save_cached_emissions(cache_path, key, emissions)
+        del loaded
+    decoder = build_decoder(OmegaConf.create(setup.decode), dictionary, device)
+    split = EvalSplit(shard.name, dataset, [[] for _ in range(len(dataset))], files["input.tsv"])
+    results = decode_split(decoder, emissions, split, dictionary, setup.post_process, progress=progress)
+
+    words = [result.hyp_words for result in results]
+    scores = [f"{row}\t{entry.rel_path}\t{len(emission)}\t{result.score:.6f}\t"
+              f"{result.score / max(len(emission), 1):.6f}"
+              for row, entry, emission, result in zip(shard.rows, entries, emissions, results)]
+    write_atomic(files["tsv"], format_manifest(manifest.root, entries))
+    write_atomic(files["wrd"], "".join(line + "\n" for line in words))
+    write_atomic(files["ltr"], "".join(label_text(line) + "\n" for line in words))
+    write_atomic(files["scores.tsv"], SCORES_HEADER + "\n" + "".join(line + "\n" for line in scores))
+    record = {"fingerprint": setup.fingerprint, "rows": shard.rows_digest, "utterances": len(results),
+              "score_sum": float(sum(result.score for result in results)), "host": os.uname().nodename,
+              "slurm_job": os.environ.get("SLURM_JOB_ID")}
+    write_atomic(files["done.json"], json.dumps(record, indent=1) + "\n")  # last: marks the shard finished
+    return record
+
+
+def _has_specials(symbols: Sequence[str]) -> bool:
+    return list(symbols[:4]) == ["<s>", "<pad>", "</s>", "<unk>"]
+
+
+def run_shards_in_process(setup: LabelingSetup, shards: Sequence[Shard], progress: bool = True) -> dict[int, str]:
+    """Label `shards` one after another here; returns {shard index: error} for the ones that failed."""
+    failures: dict[int, str] = {}
+    for shard in shards:
+        try:
+            label_shard(setup, shard, progress)
+        except Exception as error:  # one bad shard must not lose the others' work
+            log.exception("%s failed", shard.name)
+            failures[shard.index] = f"{type(error).__name__}: {error}"
+    return failures
+
+
+# ----------------------------------------------------------------------------------------------
+# Merge, filters, scoring
+
+
+@dataclass
+class LabeledRow:
+    """One pseudo-labelled utterance as the shards wrote it."""
+
+    row: int
+    entry: ManifestEntry
+    words: str
+    letters: str
+    frames: int
+    score: float
+
+
+def read_shard(setup: LabelingSetup, shard: Shard) -> list[LabeledRow]:
+    files = shard_files(setup, shard)
+    entries = read_manifest(files["tsv"]).entries
+    words = files["wrd"].read_text(encoding="utf-8").split("\n")[: len(entries)]
+    letters = files["ltr"].read_text(encoding="utf-8").split("\n")[: len(entries)]
+    score_lines = files["scores.tsv"].read_text(encoding="utf-8").splitlines()[1:]
+    if not (len(words) == len(letters) == len(score_lines) == len(entries) == len(shard.rows)):
+        raise PseudoLabelError(f"{files['done.json']}: shard files disagree in length; delete the marker to redo it")
+    rows = []
+    for entry, word_line, letter_line, score_line in zip(entries, words, letters, score_lines):
+        row, _, frames, score, _ = score_line.split("\t")
+        rows.append(LabeledRow(int(row), entry, word_line, letter_line, int(frames), float(score)))
+    return rows
+
+
+def keep_row(row: LabeledRow, sample_rate: int, min_score_per_frame: float | None,
+             length_ratio: Sequence[float] | None, drop_empty: bool) -> bool:
+    """The optional filters (all off by default: Xu et al. keep every pseudo-label, §2.2)."""
+    if drop_empty and not row.words.strip():
+        return False
+    if min_score_per_frame is not None and row.score / max(row.frames, 1) < min_score_per_frame:
+        return False
+    if length_ratio is not None:
+        letters_per_second = len(row.words.replace(" ", "")) / max(row.entry.num_samples / sample_rate, 1e-9)
+        if not length_ratio[0] <= letters_per_second <= length_ratio[1]:
+            return False
+    return True
+
+
+def hidden_references(manifest_path: str | Path, rows: int, post_process: str = "letter") -> list[str] | None:
+    """Reference words of the unlabeled audio where the corpus has them, else None.
+
+    `<manifest stem>.ltr` beside the manifest (what stage evaluate reads), else `<stem>.wrd`, else the
+    LibriSpeech-layout `.trans.txt` files beside the audio (the synthetic corpus' pretraining pool has them).
+    """
+    manifest_path = Path(manifest_path)
+    for suffix in (".ltr", ".wrd"):
+        path = manifest_path.with_suffix(suffix)
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            if len(lines) != rows:
+                log.warning("%s has %d lines for %d manifest rows: not used as references", path, len(lines), rows)
+                continue
+            return [units_to_words(line, post_process) if suffix == ".ltr" else " ".join(line.split())
+                    for line in lines]
+    manifest = read_manifest(manifest_path)
+    lookup = TranscriptLookup()
+    try:
+        return [" ".join(lookup.words(manifest.audio_path(row)).split()) for row in range(len(manifest))]
+    except TranscriptError:
+        return None
+
+
+def merge_shards(setup: LabelingSetup, shards: Sequence[Shard], name: str, min_score_per_frame: float | None = None,
+                 length_ratio: Sequence[float] | None = None, drop_empty: bool = False) -> dict[str, Any]:
+    """Gather the finished shards, in manifest order, into `<output>/<name>.{tsv,ltr,wrd,scores.tsv}`; return the summary.
+
+    The summary holds the counts, the mean decoder score and, when the unlabeled audio has hidden
+    transcripts, the pseudo-label WER over every labelled utterance (the number stage evaluate reports
+    for the same model and decoder) and over the kept ones.
+    """
+    unfinished = [shard.name for shard in shards if not shard_is_done(setup, shard)]
+    if unfinished:
+        raise PseudoLabelError(f"cannot merge: {len(unfinished)} shard(s) not finished ({', '.join(unfinished[:5])})")
+    out = Path(setup.output_dir)
+    rows = sorted((row for shard in shards for row in read_shard(setup, shard)), key=lambda row: row.row)
+    keep = [keep_row(row, setup.sample_rate, min_score_per_frame, length_ratio, drop_empty) for row in rows]
+    kept = [row for row, flag in zip(rows, keep) if flag]
+    root = read_manifest(setup.manifest).root
+    write_atomic(out / f"{name}.tsv", format_manifest(root, [row.entry for row in kept]))
+    write_atomic(out / f"{name}.wrd", "".join(row.words + "\n" for row in kept))
+    write_atomic(out / f"{name}.ltr", "".join(row.letters + "\n" for row in kept))
+    write_atomic(out / f"{name}.scores.tsv", SCORES_HEADER + "\tkept\n" + "".join(
+        f"{row.row}\t{row.entry.rel_path}\t{row.frames}\t{row.score:.6f}\t{row.score / max(row.frames, 1):.6f}\t"
+        f"{int(flag)}\n" for row, flag in zip(rows, keep)))
+    Dictionary.from_symbols(setup.dictionary[4:]).save(out / "dict.ltr.txt")  # task.data=<output> works alone
+
+    summary: dict[str, Any] = {
+        "utterances": len(rows), "kept": len(kept),
+        "hours": sum(row.entry.num_samples for row in rows) / setup.sample_rate / 3600,
+        "kept_hours": sum(row.entry.num_samples for row in kept) / setup.sample_rate / 3600,
+        "mean_score": sum(row.score for row in rows) / max(len(rows), 1),
+        "mean_score_per_frame": sum(row.score / max(row.frames, 1) for row in rows) / max(len(rows), 1),
+        "empty": sum(1 for row in rows if not row.words.strip()), "shards": len(shards),
+        "decode": setup.decode, "checkpoint": setup.checkpoint, "fingerprint": setup.fingerprint,
+    }
+    references = hidden_references(setup.manifest, setup.rows, setup.post_process)
+    if references is not None:
+        summary["wer"] = pseudo_label_wer(rows, references)
+        summary["kept_wer"] = pseudo_label_wer(kept, references)
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return summary
+
+
+def pseudo_label_wer(rows: Sequence[LabeledRow], references: Sequence[str]) -> float:
+    """Corpus WER of the pseudo-labels against the hidden transcripts (repro.decode.wer, as evaluate scores)."""
+    results = [UtteranceResult(id=row.row, ref_units=label_text(references[row.row]), hyp_units=row.letters,
+                               ref_words=references[row.row], hyp_words=row.words) for row in rows]
+    return score_results(results).wer if results else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# The combined training set
+
+
+def utterance_key(path: str | Path) -> str:
+    """Utterance identity: the file name up to its first dot (LibriSpeech / Libri-light / LibriVox ids are unique)."""
+    return Path(path).name.split(".")[0]
+
+
+def write_combined_split(labeled_dir: Path, labeled_subset: str, pseudo_dir: Path, pseudo_name: str,
+                         combined_name: str, include_labeled: bool = True) -> dict[str, int]:
+    """`<pseudo_dir>/<combined_name>.{tsv,ltr,wrd}`: the labeled split, then the pseudo-labels, each utterance once.
+
+    A pseudo-labelled utterance that is also in the labeled split (same utterance id, e.g. LS-960 audio
+    labelled while Libri-light's copy is labeled) keeps its human label. The manifest root is the
+    deepest directory holding both roots.
+    """
+    parts: list[tuple[Manifest, list[str], list[str]]] = []
+    sources = ([(labeled_dir, labeled_subset)] if include_labeled else []) + [(pseudo_dir, pseudo_name)]
+    for directory, split in sources:
+        manifest = read_manifest(Path(directory) / f"{split}.tsv")
+        labels = []
+        for suffix in ("ltr", "wrd"):
+            path = Path(directory) / f"{split}.{suffix}"
+            lines = path.read_text(encoding="utf-8").split("\n")
+            if lines and lines[-1] == "":
+                lines.pop()
+            if len(lines) != len(manifest):
+                raise PseudoLabelError(f"{path} has {len(lines)} lines but {manifest.path} has {len(manifest)} rows")
+            labels.append(lines)
+        parts.append((manifest, labels[0], labels[1]))
+    root = Path(os.path.commonpath([str(Path(manifest.root).absolute()) for manifest, _, _ in parts]))
+    entries, letters, words, seen = [], [], [], set()
+    counts = {"labeled": 0, "pseudo": 0, "duplicates_dropped": 0}
+    for part_index, (manifest, ltr, wrd) in enumerate(parts):
+        kind = "pseudo" if part_index == len(parts) - 1 else "labeled"
+        for row, entry in enumerate(manifest.entries):
+            key = utterance_key(entry.rel_path)
+            if key in seen:
+                if kind == "labeled":
+                    raise PseudoLabelError(f"{manifest.path}:{row + 2}: utterance {key} appears twice in the labeled split")
+                counts["duplicates_dropped"] += 1
+                continue
+            seen.add(key)
+            audio = Path(manifest.root).absolute() / entry.rel_path
+            entries.append(ManifestEntry(os.path.relpath(audio, root), entry.num_samples))
+            letters.append(ltr[row])
+            words.append(wrd[row])
+            counts[kind] += 1
+    write_atomic(pseudo_dir / f"{combined_name}.tsv", format_manifest(root, entries))
+    write_atomic(pseudo_dir / f"{combined_name}.ltr", "".join(line + "\n" for line in letters))
+    write_atomic(pseudo_dir / f"{combined_name}.wrd", "".join(line + "\n" for line in words))
+    return counts
+
+
+def describe_setup(setup: LabelingSetup) -> dict[str, Any]:
+    """The setup as plain data (for status lines and the tracker's params)."""
+    values = dataclasses.asdict(setup)
+    values.pop("dictionary")
+    return values
+
+
+def say(message: str) -> None:
+    print(f"repro pseudo_label: {message}", file=sys.stderr, flush=True)

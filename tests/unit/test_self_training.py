@@ -1,0 +1,303 @@
+"""Self-training (Xu et al. 2021) on the synthetic corpus: pseudo-labels, shards, resume, combined split, bad input.
+
+The labelling model is a tiny random CTC model over the corpus' letters (sharpened so that decoding has
+something to do); the decoder is the corpus' own 4-gram lexicon beam. Nothing here needs the model to
+be good: the tests check files, equalities and errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from repro.checkpoints.format import atomic_save, model_file
+from repro.config import ReproConfig
+from repro.data.dataset import FileAudioDataset, load_labels
+from repro.data.dictionary import Dictionary
+from repro.data.librispeech import TranscriptLookup, words_to_letters
+from repro.data.manifest import read_manifest, write_manifest
+from repro.data.synth import make_corpus
+from repro.decode.evaluate import run_evaluate
+from repro.decode.lexicon import LexiconError
+from repro.launch.pseudo_label import describe_pseudo_label, run_pseudo_label
+from repro.models.ctc import Wav2Vec2CTC
+from repro.models.presets import PRESETS
+from repro.tools.manifest import build_manifest
+from repro.tools.prepare_librispeech import prepare
+from repro.train import self_training
+from repro.train.self_training import PseudoLabelError, plan_shards
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("st")
+    corpus_dir = root / "corpus"
+    make_corpus(corpus_dir, hours=0.02, seed=0, progress=False)
+    data = root / "data"
+    prepare(corpus_dir, data)
+    pool = build_manifest(corpus_dir / "pretrain", ext="flac", valid_percent=0.0, seed=0)
+    (root / "unlabeled").mkdir()
+    write_manifest(root / "unlabeled" / "train.tsv", pool.root, pool.train)  # transcripts stay hidden in .trans.txt
+    dictionary = Dictionary.load(data / "dict.ltr.txt")
+    torch.manual_seed(0)
+    model_cfg = dataclasses.replace(PRESETS["tiny"], _name="wav2vec_ctc")
+    model = Wav2Vec2CTC(model_cfg, len(dictionary)).eval()
+    with torch.no_grad():
+        model.w2v_encoder.proj.weight.mul_(20.0)
+    checkpoint = root / "labeler.pt"
+    atomic_save(model_file(kind="wav2vec_ctc", model_state=model.state_dict(), model_cfg=dataclasses.asdict(model_cfg),
+                           task_cfg={"normalize": False, "labels": "ltr"}, dictionary=dictionary.symbols), checkpoint)
+    return {"root": root, "corpus": corpus_dir, "data": data, "unlabeled": root / "unlabeled" / "train.tsv",
+            "checkpoint": checkpoint, "lm": corpus_dir / "lm"}
+
+
+def st_config(corpus: dict[str, Path], out: Path, **self_training):
+    cfg = OmegaConf.structured(ReproConfig)
+    cfg.experiment = "st_test"
+    cfg.common.cpu = True
+    cfg.task.data = str(corpus["data"])
+    cfg.task.labels = "ltr"
+    cfg.dataset.train_subset = "train_10m"
+    cfg.dataset.max_tokens = 160_000  # 10 s: several emission batches
+    cfg.decodings = {"kenlm_4gram": {"type": "kenlm", "name": "kenlm_4gram", "lm_model": str(corpus["lm"] / "4-gram.bin"),
+                                     "lexicon": str(corpus["lm"] / "lexicon.txt"), "beam": 20, "lm_weight": 1.0,
+                                     "word_score": 0.5}}
+    cfg.self_training = OmegaConf.merge(cfg.self_training, {
+        "unlabeled_data": str(corpus["unlabeled"]), "labeling_checkpoint": str(corpus["checkpoint"]),
+        "output_dir": str(out), **self_training})
+    return cfg
+
+
+def label_files(out: Path, name: str = "pseudo") -> dict[str, str]:
+    return {suffix: (out / f"{name}.{suffix}").read_text() for suffix in ("tsv", "ltr", "wrd", "scores.tsv")}
+
+
+class RecordingTracker:
+    def __init__(self) -> None:
+        self.metrics, self.params, self.artifacts = [], {}, []
+
+    def log_metrics(self, metrics, step, split="train"):
+        self.metrics.append((split, dict(metrics)))
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def log_artifact(self, path):
+        self.artifacts.append(Path(path))
+
+
+@pytest.fixture(scope="module")
+def unsharded(corpus, tmp_path_factory) -> tuple[Path, dict, RecordingTracker]:
+    out = tmp_path_factory.mktemp("unsharded")
+    tracker = RecordingTracker()
+    summary = run_pseudo_label(st_config(corpus, out), out, tracker)
+    return out, summary, tracker
+
+
+def test_pseudo_labels_are_fairseq_files_that_finetuning_reads(corpus, unsharded):
+    out, summary, _ = unsharded
+    manifest = read_manifest(out / "pseudo.tsv")
+    unlabeled = read_manifest(corpus["unlabeled"])
+    assert [e.rel_path for e in manifest.entries] == [e.rel_path for e in unlabeled.entries]  # no filter: every row
+    words = (out / "pseudo.wrd").read_text().split("\n")[:-1]
+    letters = (out / "pseudo.ltr").read_text().split("\n")[:-1]
+    assert len(words) == len(letters) == len(manifest) == summary["utterances"] == summary["kept"]
+    assert any(words), "the decoder produced no word at all"
+    for word_line, letter_line in zip(words, letters):  # libri_labels.py's letter format
+        assert letter_line == (words_to_letters(word_line) if word_line else "")
+    dictionary = Dictionary.load(corpus["data"] / "dict.ltr.txt")
+    for split_dir, split in ((out, "pseudo"), (out, "train_st")):  # what stage finetune loads
+        dataset = FileAudioDataset(split_dir / f"{split}.tsv", pad=True)
+        labels = load_labels(split_dir / f"{split}.ltr", dictionary, dataset.skipped_indices, dataset.manifest_rows)
+        assert len(labels) == len(dataset) and dataset[0]["source"].numel() > 0
+    scores = (out / "pseudo.scores.tsv").read_text().splitlines()
+    assert scores[0].split("\t") == ["id", "audio", "frames", "score", "score_per_frame", "kept"]
+    mean = sum(float(line.split("\t")[3]) for line in scores[1:]) / (len(scores) - 1)
+    assert summary["mean_score"] == pytest.approx(mean, abs=1e-5)
+
+
+def test_combined_split_has_labeled_and_pseudo_labeled_utterances_once(corpus, unsharded, tmp_path):
+    out, summary, _ = unsharded
+    combined = read_manifest(out / "train_st.tsv")
+    labeled = read_manifest(corpus["data"] / "train_10m.tsv")
+    assert summary["combined"] == {"labeled": len(labeled), "pseudo": summary["kept"], "duplicates_dropped": 0}
+    paths = [str(combined.audio_path(i).resolve()) for i in range(len(combined))]
+    assert len(paths) == len(set(paths)) == len(labeled) + summary["kept"]
+    assert paths[: len(labeled)] == [str(labeled.audio_path(i).resolve()) for i in range(len(labeled))]
+    combined_ltr = (out / "train_st.ltr").read_text().split("\n")[:-1]
+    assert combined_ltr[: len(labeled)] == (corpus["data"] / "train_10m.ltr").read_text().split("\n")[:-1]
+    # an utterance in both sets keeps its human label, once
+    overlap = tmp_path / "overlap"
+    overlap.mkdir()
+    for suffix in ("tsv", "ltr", "wrd"):
+        (overlap / f"pseudo.{suffix}").write_text((out / f"pseudo.{suffix}").read_text())
+    pseudo = read_manifest(out / "pseudo.tsv")
+    write_manifest(overlap / "labeled.tsv", pseudo.root, pseudo.entries[:3])
+    for suffix in ("ltr", "wrd"):
+        lines = (corpus["data"] / f"train_10m.{suffix}").read_text().split("\n")[:3]
+        (overlap / f"labeled.{suffix}").write_text("".join(line + "\n" for line in lines))
+    counts = self_training.write_combined_split(overlap, "labeled", overlap, "pseudo", "both")
+    assert counts == {"labeled": 3, "pseudo": len(pseudo) - 3, "duplicates_dropped": 3}
+    both = read_manifest(overlap / "both.tsv")
+    assert len({both.audio_path(i).name for i in range(len(both))}) == len(both)
+
+
+def test_pseudo_label_wer_equals_what_evaluate_reports(corpus, tmp_path):
+    # the hidden transcripts as a labeled split, so that stage evaluate can score the same audio
+    split_dir = tmp_path / "split"
+    split_dir.mkdir()
+    unlabeled = read_manifest(corpus["unlabeled"])
+    write_manifest(split_dir / "pool.tsv", unlabeled.root, unlabeled.entries)
+    lookup = TranscriptLookup()
+    (split_dir / "pool.ltr").write_text("".join(words_to_letters(lookup.words(unlabeled.audio_path(i))) + "\n"
+                                                for i in range(len(unlabeled))))
+    (split_dir / "dict.ltr.txt").write_text((corpus["data"] / "dict.ltr.txt").read_text())
+    out = tmp_path / "labels"
+    cfg = st_config(corpus, out, unlabeled_data=str(split_dir / "pool.tsv"), num_shards=2)
+    summary = run_pseudo_label(cfg, tmp_path / "run")
+    cfg.task.data = str(split_dir)
+    cfg.common_eval.path = str(corpus["checkpoint"])
+    cfg.paper.eval_splits = ["pool"]
+    cfg.paper.decoding = ["kenlm_4gram"]
+    evaluated = run_evaluate(cfg, tmp_path / "eval_run")
+    assert 0 < summary["wer"] == pytest.approx(evaluated["pool"]["kenlm_4gram"]["wer"], abs=1e-9)
+    # the .trans.txt files beside the audio give the same references when no .ltr is there
+    assert self_training.hidden_references(corpus["unlabeled"], len(unlabeled)) == \
+        self_training.hidden_references(split_dir / "pool.tsv", len(unlabeled))
+
+
+def test_three_shards_write_the_same_files_as_one(corpus, unsharded, tmp_path):
+    out, _, _ = unsharded
+    sharded = tmp_path / "sharded"
+    summary = run_pseudo_label(st_config(corpus, sharded, num_shards=3, workers=2), tmp_path)
+    assert summary["shards"] == 3
+    assert label_files(sharded) == label_files(out)
+    assert (sharded / "train_st.tsv").read_text() == (out / "train_st.tsv").read_text()
+
+
+def test_shards_are_whole_emission_batches_and_cover_every_row():
+    sizes = [16000 * (1 + i % 7) for i in range(50)]
+    for num_shards in (1, 3, 7, 100):
+        shards = plan_shards(sizes, num_shards, max_tokens=200_000)
+        rows = sorted(row for shard in shards for row in shard.rows)
+        assert rows == list(range(50))
+        assert len(shards) == min(num_shards, len(shards)) and all(shard.rows for shard in shards)
+    with pytest.raises(PseudoLabelError, match="num_shards"):
+        plan_shards(sizes, 0, 200_000)
+
+
+def _stage_command(corpus: dict[str, Path], out: Path) -> list[str]:
+    lm = corpus["lm"]
+    return [
+        sys.executable, "-m", "repro", "stage=pseudo_label", "tracker=none", "common.cpu=true",
+        f"task.data={corpus['data']}", "task.labels=ltr", "dataset.train_subset=train_10m", "dataset.max_tokens=160000",
+        f"hydra.run.dir={out / 'run'}", f"self_training.unlabeled_data={corpus['unlabeled']}",
+        f"self_training.labeling_checkpoint={corpus['checkpoint']}", f"self_training.output_dir={out}",
+        "self_training.num_shards=3", "+decodings.kenlm_4gram.type=kenlm",
+        f"+decodings.kenlm_4gram.lm_model={lm / '4-gram.bin'}", f"+decodings.kenlm_4gram.lexicon={lm / 'lexicon.txt'}",
+        "+decodings.kenlm_4gram.beam=20", "+decodings.kenlm_4gram.lm_weight=1.0", "+decodings.kenlm_4gram.word_score=0.5",
+    ]
+
+
+def test_a_shard_killed_mid_way_is_redone_alone(corpus, unsharded, tmp_path):
+    out = tmp_path / "killed"
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(_stage_command(corpus, out), cwd=REPO, env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    first = out / "shards" / "shard-00000-of-00003.done.json"
+    deadline = time.time() + 120
+    while not first.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert first.exists(), process.stdout.read().decode()[-3000:] if process.poll() is not None else "timeout"
+    os.killpg(process.pid, signal.SIGKILL)  # in the middle of shard 1
+    process.wait()
+    markers = sorted(path.name for path in (out / "shards").glob("*.done.json"))
+    assert markers == ["shard-00000-of-00003.done.json"], "shard 1 finished before the kill: no mid-way state to test"
+    first_marker = first.read_text()
+    first_mtime = first.stat().st_mtime_ns
+    result = subprocess.run(_stage_command(corpus, out), cwd=REPO, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 already done, 2 to label" in result.stderr
+    assert first.stat().st_mtime_ns == first_mtime and first.read_text() == first_marker  # not redone
+    assert label_files(out) == label_files(unsharded[0])
+
+
+def test_dry_run_describes_the_labelling_plan(corpus, tmp_path):
+    cfg = st_config(corpus, tmp_path, num_shards=4)
+    lines = "\n".join(describe_pseudo_label(cfg))
+    rows = len(read_manifest(corpus["unlabeled"]))
+    assert f"{rows:,} utterances" in lines and "shards: 4 (this machine" in lines
+    assert "GPU-hours" in lines and "kenlm_4gram (kenlm, beam 20" in lines
+    assert "filters: none" in lines
+
+
+# --- bad input: a clear error before any work -----------------------------------------------------
+
+
+def _no_work_done(out: Path) -> bool:
+    return not (out / "shards").exists() and not (out / "emissions").exists()
+
+
+def test_missing_audio_is_named_before_any_work(corpus, tmp_path):
+    unlabeled = read_manifest(corpus["unlabeled"])
+    broken = tmp_path / "broken.tsv"
+    write_manifest(broken, unlabeled.root, [*unlabeled.entries[:2], dataclasses.replace(unlabeled.entries[2], rel_path="gone/x.flac")])
+    out = tmp_path / "out"
+    with pytest.raises(PseudoLabelError, match=r"broken\.tsv:4: audio .*gone/x\.flac does not exist"):
+        run_pseudo_label(st_config(corpus, out, unlabeled_data=str(broken)), tmp_path)
+    assert _no_work_done(out)
+
+
+def test_missing_or_foreign_lm_is_an_error_before_any_work(corpus, tmp_path):
+    out = tmp_path / "out"
+    cfg = st_config(corpus, out)
+    cfg.decodings.kenlm_4gram.lm_model = str(tmp_path / "nope.bin")
+    with pytest.raises(PseudoLabelError, match="lm_model .*nope.bin does not exist"):
+        run_pseudo_label(cfg, tmp_path)
+    foreign_text = tmp_path / "foreign.txt"
+    foreign_text.write_text("zebra quantum lorem ipsum\n" * 20)
+    foreign = tmp_path / "foreign.arpa"
+    subprocess.run([str(Path(sys.executable).parent / "lmplz"), "-o", "2", "-S", "50M", "-T", str(tmp_path),
+                    "--discount_fallback", "--text", str(foreign_text), "--arpa", str(foreign)], check=True,
+                   capture_output=True)
+    cfg.decodings.kenlm_4gram.lm_model = str(foreign)
+    with pytest.raises(LexiconError, match="do not match"):
+        run_pseudo_label(cfg, tmp_path)
+    assert _no_work_done(out)
+
+
+def test_a_labelling_checkpoint_without_ctc_head_is_refused(corpus, tmp_path):
+    pretrained = tmp_path / "pretrained.pt"
+    cfg_model = PRESETS["tiny"]
+    from repro.models.wav2vec2 import Wav2Vec2Model
+
+    atomic_save(model_file(kind="wav2vec2", model_state=Wav2Vec2Model(cfg_model).state_dict(),
+                           model_cfg=dataclasses.asdict(cfg_model), task_cfg={"normalize": False}, dictionary=None),
+                pretrained)
+    out = tmp_path / "out"
+    with pytest.raises(PseudoLabelError, match="without a CTC head"):
+        run_pseudo_label(st_config(corpus, out, labeling_checkpoint=str(pretrained)), tmp_path)
+    assert _no_work_done(out)
+
+
+def test_labelling_is_tracked_with_counts_score_and_hidden_transcript_wer(unsharded):
+    out, summary, tracker = unsharded
+    [(split, metrics)] = tracker.metrics
+    assert split == "pseudo_label"
+    assert metrics["utterances"] == summary["utterances"] > 0
+    assert metrics["mean_score"] == pytest.approx(summary["mean_score"])
+    assert metrics["wer"] == pytest.approx(summary["wer"]) and summary["wer"] > 0  # from the hidden .trans.txt
+    assert tracker.params["pseudo_label/shards"] == 1 and out / "summary.json" in tracker.artifacts
+    assert json.loads((out / "summary.json").read_text())["utterances"] == summary["utterances"]
