@@ -128,6 +128,7 @@ def make_batches(dataset: FileAudioDataset, cfg: DictConfig, seed: int, validati
 
 
 def manifest_path(cfg: DictConfig, split: str) -> Path:
+    # an absolute split name is a path of its own (self-training's combined split in the run directory)
     path = Path(cfg.task.data) / f"{split}.tsv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest of split {split!r} not found (task.data={cfg.task.data})")

@@ -551,3 +551,17 @@ def describe_setup(setup: LabelingSetup) -> dict[str, Any]:
 
 def say(message: str) -> None:
     print(f"repro pseudo_label: {message}", file=sys.stderr, flush=True)
+
+
+def retraining_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The config stage `finetune` trains a self-training row with: the combined split as training data.
+
+    Xu et al.'s "ctc ft" model (§2.3) fine-tunes the same pretrained checkpoint (`model.w2v_path`) on
+    labeled + pseudo-labeled data; validation and the dictionary stay those of `task.data`. The split
+    is given as a path (`<pseudo_labels>/<combined_subset>`), which the data loaders join onto task.data.
+    """
+    combined = output_dir(cfg, run_dir) / cfg.self_training.combined_subset
+    if not combined.with_suffix(".tsv").is_file():
+        raise PseudoLabelError(f"{combined}.tsv does not exist: self-training rows fine-tune on the pseudo-labels, "
+                               "run stage pseudo_label first (the row's `stages` do)")
+    return OmegaConf.merge(cfg, {"dataset": {"train_subset": str(combined.absolute())}})

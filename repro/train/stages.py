@@ -23,6 +23,7 @@ from repro.tasks import task_module
 from repro.tasks.common import SplitData, model_config  # noqa: F401  (model_config: public helper)
 from repro.train.checkpoint import CheckpointManager
 from repro.train.distributed import DistributedContext, init_distributed
+from repro.train.self_training import retraining_config
 from repro.train.trainer import Trainer
 
 
@@ -32,6 +33,8 @@ def run_training(cfg: DictConfig, run_dir: Path, tracker: Any, stage: str) -> di
     if task.STAGE != stage:
         raise ValueError(f"stage {stage} cannot run task._name={cfg.task._name} with model._name="
                          f"{cfg.model._name}: that is a {task.STAGE} task")
+    if stage == "finetune" and cfg.self_training.unlabeled_data:  # a self-training row re-trains on pseudo-labels
+        cfg = retraining_config(cfg, Path(run_dir))
     context = _init(cfg)
     try:
         resume = CheckpointManager(Path(run_dir) / cfg.checkpoint.save_dir).load_latest(expected_kind=task.KIND)

@@ -32,10 +32,12 @@ from repro.decode.lexicon import LexiconError
 from repro.launch.pseudo_label import describe_pseudo_label, run_pseudo_label
 from repro.models.ctc import Wav2Vec2CTC
 from repro.models.presets import PRESETS
+from repro.tasks import task_module
 from repro.tools.manifest import build_manifest
 from repro.tools.prepare_librispeech import prepare
 from repro.train import self_training
 from repro.train.self_training import PseudoLabelError, plan_shards
+from repro.train.stages import run_finetune
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -301,3 +303,30 @@ def test_labelling_is_tracked_with_counts_score_and_hidden_transcript_wer(unshar
     assert metrics["wer"] == pytest.approx(summary["wer"]) and summary["wer"] > 0  # from the hidden .trans.txt
     assert tracker.params["pseudo_label/shards"] == 1 and out / "summary.json" in tracker.artifacts
     assert json.loads((out / "summary.json").read_text())["utterances"] == summary["utterances"]
+
+
+def test_finetune_stage_of_a_self_training_row_trains_on_the_combined_split(corpus, unsharded, tmp_path):
+    out, summary, _ = unsharded
+    cfg = st_config(corpus, out)
+    cfg = OmegaConf.merge(cfg, {
+        "stages": ["pseudo_label", "finetune", "evaluate"],
+        "task": {"_name": "audio_finetuning"},
+        "dataset": {"max_tokens": 400_000, "num_workers": 0, "valid_subset": "dev_other",
+                    "required_batch_size_multiple": 1, "validate_interval_updates": 2},
+        "model": {**OmegaConf.to_container(OmegaConf.structured(PRESETS["tiny"])), "_name": "wav2vec_ctc",
+                  "no_pretrained_weights": True, "mask_prob": 0.3, "mask_length": 3},
+        "criterion": {"_name": "ctc"},
+        "optimization": {"max_update": 2, "lr": [1e-3], "sentence_avg": True},
+        "lr_scheduler": {"_name": "tri_stage", "phase_ratio": [0.25, 0.25, 0.5]},
+        "checkpoint": {"best_checkpoint_metric": "wer"},
+        "tracker": {"backends": []},
+    })
+    retrain = self_training.retraining_config(cfg, tmp_path)
+    setup = task_module(retrain).build(retrain, None)
+    assert len(setup.train.dataset) == summary["combined"]["labeled"] + summary["combined"]["pseudo"]
+    assert [split.name for split in setup.valid] == ["dev_other"]  # validation stays on task.data
+    result = run_finetune(cfg, tmp_path / "run")
+    assert result["num_updates"] == 2 and (tmp_path / "run" / "checkpoints" / "checkpoint_last.pt").exists()
+    with pytest.raises(PseudoLabelError, match="run stage pseudo_label first"):
+        self_training.retraining_config(OmegaConf.merge(cfg, {"self_training": {"output_dir": str(tmp_path / "x")}}),
+                                        tmp_path)
