@@ -31,6 +31,8 @@ STAGE_IMPLEMENTATIONS: dict[str, tuple[str, str, str]] = {
     "evaluate": ("repro.decode.evaluate", "run_evaluate", "decoding and WER scoring of a checkpoint"),
     "pseudo_label": ("repro.launch.pseudo_label", "run_pseudo_label",
                      "pseudo-labelling unlabeled audio for self-training (Xu et al. 2020)"),
+    "st_compare": ("repro.train.self_training", "run_compare",
+                   "the self-trained model's WER beside its labelling model's"),
     "featurize": ("repro.models.featurize", "run_featurize", "wav2vec / vq-wav2vec feature extraction"),
     "tokenize": ("repro.models.featurize", "run_tokenize", "vq-wav2vec tokenization of audio into discrete units"),
     "demo": ("repro.tools.demo", "run_demo", "the miniature end-to-end reproduction"),

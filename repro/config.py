@@ -756,7 +756,7 @@ class ReproConfig:
     stage: str | None = None
     """Run only this stage; None = the experiment's `stages` in order."""
     stages: list[str] = field(default_factory=lambda: ["pretrain"])
-    """Default stage list: pretrain, finetune, evaluate, pseudo_label, featurize, tokenize, demo."""
+    """Default stage list: pretrain, finetune, evaluate, pseudo_label, st_compare, featurize, tokenize, demo."""
     dry_run: bool = False
     """Print what would run (sbatch parameters, world size, update_freq, config) and exit."""
     sweep_objective: str | None = None
@@ -793,7 +793,7 @@ def register_configs() -> None:
     cs.store(name="repro_schema", node=ReproConfig)
 
 
-STAGES = ("pretrain", "finetune", "evaluate", "pseudo_label", "featurize", "tokenize", "demo")
+STAGES = ("pretrain", "finetune", "evaluate", "pseudo_label", "st_compare", "featurize", "tokenize", "demo")
 
 # Preemption hand-off between repro.launch (writes the request on SLURM's warning signal), repro.train
 # (saves checkpoint_last at the current update and exits) and the run bookkeeping (records "preempted").

@@ -118,10 +118,15 @@ def array_parameters(cfg: DictConfig, jobs: int) -> dict[str, object]:
     return params
 
 
-def run_shards_on_slurm(cfg: DictConfig, setup: LabelingSetup, shards: Sequence[Shard]) -> dict[int, str]:
-    """Submit `shards` as one job array, wait for every task; {index: error} of the failed ones."""
+def run_shards_on_slurm(cfg: DictConfig, setup: LabelingSetup, shards: Sequence[Shard],
+                        backend: str = "slurm") -> dict[int, str]:
+    """Submit `shards` as one job array, wait for every task; {index: error} of the failed ones.
+
+    `backend` is submitit's cluster: "slurm", or "local" (submitit's own process executor) to run the
+    same array machinery on a machine without SLURM.
+    """
     folder = Path(setup.output_dir) / "slurm"
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=int(cfg.cluster.max_num_timeout))
+    executor = submitit.AutoExecutor(folder=folder, cluster=backend, slurm_max_num_timeout=int(cfg.cluster.max_num_timeout))
     executor.update_parameters(**array_parameters(cfg, len(shards)))
     jobs = executor.map_array(ShardJob(setup), list(shards))
     with (folder / "job_ids").open("a") as ids:

@@ -349,7 +349,8 @@ def label_shard(setup: LabelingSetup, shard: Shard, progress: bool = True) -> di
     write_atomic(files["scores.tsv"], SCORES_HEADER + "\n" + "".join(line + "\n" for line in scores))
     record = {"fingerprint": setup.fingerprint, "rows": shard.rows_digest, "utterances": len(results),
               "score_sum": float(sum(result.score for result in results)), "host": os.uname().nodename,
-              "slurm_job": os.environ.get("SLURM_JOB_ID")}
+              "slurm_job": os.environ.get("SLURM_JOB_ID"),
+              "slurm_array_task": os.environ.get("SLURM_ARRAY_TASK_ID")}
     write_atomic(files["done.json"], json.dumps(record, indent=1) + "\n")  # last: marks the shard finished
     return record
 
@@ -565,3 +566,47 @@ def retraining_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
         raise PseudoLabelError(f"{combined}.tsv does not exist: self-training rows fine-tune on the pseudo-labels, "
                                "run stage pseudo_label first (the row's `stages` do)")
     return OmegaConf.merge(cfg, {"dataset": {"train_subset": str(combined.absolute())}})
+
+
+# ----------------------------------------------------------------------------------------------
+# Did self-training help?
+
+
+def labeler_results_path(checkpoint: str | Path) -> Path:
+    """`<run>/eval/results.json` of the run that wrote `<run>/checkpoints/<file>` (our layout)."""
+    return Path(checkpoint).absolute().parent.parent / "eval" / "results.json"
+
+
+def compare_with_labeler(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """WER of this run's evaluation beside its labelling model's, per split and decoding (`self_training.json`)."""
+    ours_path = Path(run_dir) / "eval" / "results.json"
+    theirs_path = labeler_results_path(labeling_checkpoint(cfg))
+    for path, what in ((ours_path, "this run"), (theirs_path, "the labelling model's run")):
+        if not path.is_file():
+            raise PseudoLabelError(f"{path} does not exist: stage evaluate has not run for {what}")
+    ours, theirs = (json.loads(path.read_text())["results"] for path in (ours_path, theirs_path))
+    rows = []
+    for split in sorted(set(ours) & set(theirs)):
+        for decoding in sorted(set(ours[split]) & set(theirs[split])):
+            before, after = float(theirs[split][decoding]["wer"]), float(ours[split][decoding]["wer"])
+            rows.append({"split": split, "decoding": decoding, "labeler_wer": before, "self_trained_wer": after,
+                         "better": after < before})
+    summary = {"labeler": str(labeling_checkpoint(cfg)), "rows": rows,
+               "better_in": sum(row["better"] for row in rows), "compared": len(rows)}
+    write_atomic(Path(run_dir) / "self_training.json", json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def run_compare(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, Any]:
+    """Stage `st_compare`: did the self-trained model beat the model that labelled its data?"""
+    summary = compare_with_labeler(cfg, run_dir)
+    print(f"{'split':12s} {'decoding':12s} {'labeler WER':>12s} {'self-trained':>13s}")
+    for row in summary["rows"]:
+        print(f"{row['split']:12s} {row['decoding']:12s} {row['labeler_wer']:12.2f} {row['self_trained_wer']:13.2f}"
+              f"  {'better' if row['better'] else 'not better'}")
+    print(f"self-training beat its labelling model in {summary['better_in']} of {summary['compared']} "
+          "(split, decoding) pairs")
+    if tracker is not None:
+        tracker.log_metrics({"better_in": summary["better_in"], "compared": summary["compared"]}, step=0,
+                            split="self_training")
+    return summary

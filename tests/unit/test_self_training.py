@@ -29,7 +29,7 @@ from repro.data.manifest import read_manifest, write_manifest
 from repro.data.synth import make_corpus
 from repro.decode.evaluate import run_evaluate
 from repro.decode.lexicon import LexiconError
-from repro.launch.pseudo_label import describe_pseudo_label, run_pseudo_label
+from repro.launch.pseudo_label import describe_pseudo_label, run_pseudo_label, run_shards_on_slurm
 from repro.models.ctc import Wav2Vec2CTC
 from repro.models.presets import PRESETS
 from repro.tasks import task_module
@@ -200,14 +200,14 @@ def test_shards_are_whole_emission_batches_and_cover_every_row():
         plan_shards(sizes, 0, 200_000)
 
 
-def _stage_command(corpus: dict[str, Path], out: Path) -> list[str]:
+def stage_command(corpus: dict[str, Path], out: Path, num_shards: int = 3) -> list[str]:
     lm = corpus["lm"]
     return [
         sys.executable, "-m", "repro", "stage=pseudo_label", "tracker=none", "common.cpu=true",
         f"task.data={corpus['data']}", "task.labels=ltr", "dataset.train_subset=train_10m", "dataset.max_tokens=160000",
         f"hydra.run.dir={out / 'run'}", f"self_training.unlabeled_data={corpus['unlabeled']}",
         f"self_training.labeling_checkpoint={corpus['checkpoint']}", f"self_training.output_dir={out}",
-        "self_training.num_shards=3", "+decodings.kenlm_4gram.type=kenlm",
+        f"self_training.num_shards={num_shards}", "+decodings.kenlm_4gram.type=kenlm",
         f"+decodings.kenlm_4gram.lm_model={lm / '4-gram.bin'}", f"+decodings.kenlm_4gram.lexicon={lm / 'lexicon.txt'}",
         "+decodings.kenlm_4gram.beam=20", "+decodings.kenlm_4gram.lm_weight=1.0", "+decodings.kenlm_4gram.word_score=0.5",
     ]
@@ -216,7 +216,7 @@ def _stage_command(corpus: dict[str, Path], out: Path) -> list[str]:
 def test_a_shard_killed_mid_way_is_redone_alone(corpus, unsharded, tmp_path):
     out = tmp_path / "killed"
     environment = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(_stage_command(corpus, out), cwd=REPO, env=environment, stdout=subprocess.PIPE,
+    process = subprocess.Popen(stage_command(corpus, out), cwd=REPO, env=environment, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, start_new_session=True)
     first = out / "shards" / "shard-00000-of-00003.done.json"
     deadline = time.time() + 120
@@ -229,7 +229,7 @@ def test_a_shard_killed_mid_way_is_redone_alone(corpus, unsharded, tmp_path):
     assert markers == ["shard-00000-of-00003.done.json"], "shard 1 finished before the kill: no mid-way state to test"
     first_marker = first.read_text()
     first_mtime = first.stat().st_mtime_ns
-    result = subprocess.run(_stage_command(corpus, out), cwd=REPO, env=environment, capture_output=True, text=True)
+    result = subprocess.run(stage_command(corpus, out), cwd=REPO, env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 already done, 2 to label" in result.stderr
     assert first.stat().st_mtime_ns == first_mtime and first.read_text() == first_marker  # not redone
@@ -330,3 +330,29 @@ def test_finetune_stage_of_a_self_training_row_trains_on_the_combined_split(corp
     with pytest.raises(PseudoLabelError, match="run stage pseudo_label first"):
         self_training.retraining_config(OmegaConf.merge(cfg, {"self_training": {"output_dir": str(tmp_path / "x")}}),
                                         tmp_path)
+
+
+def test_array_submission_runs_each_shard_in_its_own_job_and_reports_a_failed_one(corpus, unsharded, tmp_path):
+    """The map_array path with submitit's local process backend (the real-SLURM run is tests/integration)."""
+    out = tmp_path / "array"
+    cfg = st_config(corpus, out, num_shards=2)
+    setup = self_training.prepare_labeling(cfg, tmp_path)
+    sizes = [entry.num_samples for entry in read_manifest(corpus["unlabeled"]).entries]
+    shards = plan_shards(sizes, 2, setup.max_tokens)
+    assert run_shards_on_slurm(cfg, setup, shards, backend="local") == {}
+    assert all(self_training.shard_is_done(setup, shard) for shard in shards)
+    ids = (out / "slurm" / "job_ids").read_text().split()
+    assert len(ids) == 2 and len(set(ids)) == 2
+    self_training.merge_shards(setup, shards, "pseudo")
+    assert (out / "pseudo.ltr").read_text() == (unsharded[0] / "pseudo.ltr").read_text()
+    # a shard whose audio turned unreadable fails alone; the other one is not redone
+    broken = dataclasses.replace(setup, output_dir=str(tmp_path / "broken"), manifest=str(tmp_path / "bad.tsv"))
+    unlabeled = read_manifest(corpus["unlabeled"])
+    (tmp_path / "garbage.flac").write_bytes(b"not audio")
+    bad_row = shards[1].rows[0]
+    entries = list(unlabeled.entries)
+    entries[bad_row] = dataclasses.replace(entries[bad_row], rel_path=str(tmp_path / "garbage.flac"))
+    write_manifest(tmp_path / "bad.tsv", unlabeled.root, entries)
+    failures = run_shards_on_slurm(cfg, broken, shards, backend="local")
+    assert list(failures) == [1] and "garbage.flac" in failures[1]
+    assert self_training.shard_is_done(broken, shards[0]) and not self_training.shard_is_done(broken, shards[1])
