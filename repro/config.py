@@ -705,15 +705,15 @@ class SelfTrainingConfig:
     """Name of the labeled + pseudo-labeled training split that `finetune` trains on."""
     include_labeled: bool = True
     """Add the labeled split (`dataset.train_subset`) to the pseudo-labels (Xu et al. §2.3); false = pseudo-labels only."""
-    num_shards: int = 1
+    num_shards: int = positive(1)
     """Shards of the unlabeled manifest; each is labelled by one job (SLURM array task) or local process."""
-    workers: int = 1
+    workers: int = positive(1)
     """Local processes labelling shards at once (cluster=local)."""
-    max_retries: int = 2
+    max_retries: int = non_negative(2)
     """How many times a failed shard is re-run alone before the stage gives up."""
-    shard_gpus: int = 1
+    shard_gpus: int = non_negative(1)
     """GPUs per SLURM array task (emissions run on the GPU, the beam search on the task's CPUs)."""
-    array_parallelism: int = 64
+    array_parallelism: int = positive(64)
     """At most this many array tasks run at once on SLURM."""
     min_score_per_frame: float | None = None
     """Drop pseudo-labels whose decoder score per emission frame is lower; None = keep all (Xu et al. do not filter, §2.2)."""

@@ -104,9 +104,9 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 
 def test_stage_not_built_says_so_and_exits_nonzero(tmp_path):
-    with pytest.raises(StageNotBuilt, match="pseudo_label.*not built yet"):
-        resolve_stage("pseudo_label")
-    result = run_repro("experiment=demo", "stage=pseudo_label", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    with pytest.raises(StageNotBuilt, match="featurize.*not built yet"):
+        resolve_stage("featurize")
+    result = run_repro("experiment=demo", "stage=featurize", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert result.returncode == 2
     assert "not built yet" in result.stderr
 
@@ -122,7 +122,7 @@ def test_stage_messages_say_what_is_missing_without_tracker_references():
             unbuilt.append(stage)
             assert f"no implementation of {purpose}" in str(error)
             assert not re.search(r"\bissue\b|#\d|tracked", str(error), re.IGNORECASE), str(error)
-    assert "pseudo_label" in unbuilt  # at least one stage exercises the message
+    assert "featurize" in unbuilt  # at least one stage exercises the message
 
 
 def test_checkpoint_shorthand_points_at_common_eval_path():
