@@ -356,3 +356,25 @@ def test_array_submission_runs_each_shard_in_its_own_job_and_reports_a_failed_on
     failures = run_shards_on_slurm(cfg, broken, shards, backend="local")
     assert list(failures) == [1] and "garbage.flac" in failures[1]
     assert self_training.shard_is_done(broken, shards[0]) and not self_training.shard_is_done(broken, shards[1])
+
+
+def test_st_compare_records_whether_self_training_beat_the_labelling_model(tmp_path, capsys):
+    labeler_run, st_run = tmp_path / "runs" / "demo_10m", tmp_path / "runs" / "demo_st"
+    (labeler_run / "checkpoints").mkdir(parents=True)
+    (labeler_run / "checkpoints" / "checkpoint_best.pt").write_bytes(b"")
+    for run, results in ((labeler_run, {"dev_other": {"viterbi": {"wer": 80.0}, "kenlm_4gram": {"wer": 60.0}}}),
+                         (st_run, {"dev_other": {"viterbi": {"wer": 70.0}, "kenlm_4gram": {"wer": 65.0}}})):
+        (run / "eval").mkdir(parents=True)
+        (run / "eval" / "results.json").write_text(json.dumps({"results": results}))
+    cfg = OmegaConf.structured(ReproConfig)
+    cfg.self_training.labeling_checkpoint = str(labeler_run / "checkpoints" / "checkpoint_best.pt")
+    tracker = RecordingTracker()
+    summary = self_training.run_compare(cfg, st_run, tracker)
+    assert [(row["decoding"], row["better"]) for row in summary["rows"]] == [("kenlm_4gram", False), ("viterbi", True)]
+    assert summary["better_in"] == 1 and summary["compared"] == 2
+    assert json.loads((st_run / "self_training.json").read_text()) == summary
+    assert "beat its labelling model in 1 of 2" in capsys.readouterr().out
+    assert tracker.metrics == [("self_training", {"better_in": 1, "compared": 2})]
+    (labeler_run / "eval" / "results.json").unlink()
+    with pytest.raises(PseudoLabelError, match="labelling model's run"):
+        self_training.run_compare(cfg, st_run)
