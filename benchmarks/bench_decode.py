@@ -166,11 +166,10 @@ def noisy_emissions(sentence: list[str], dictionary: Dictionary, rng: np.random.
     return logits
 
 
-def bench_beam(num_words: int, utterances: int, beam: int, repeats: int) -> float:
-    from torchaudio.models.decoder import ctc_decoder
+def synthetic_lexicon_and_lm(directory: Path, num_words: int, rng: np.random.Generator):
+    """A Zipfian pseudo-word lexicon and a 4-gram ARPA LM over sentences of it, in `directory`.
 
-    rng = np.random.default_rng(1)
-    dictionary = Dictionary.from_symbols(LETTERS)
+    Returns (lexicon path, arpa path, sentence sampler)."""
     words = pseudo_words(rng, num_words)
     zipf = 1.0 / np.arange(1, num_words + 1)
     zipf /= zipf.sum()
@@ -178,16 +177,24 @@ def bench_beam(num_words: int, utterances: int, beam: int, repeats: int) -> floa
     def sentence() -> list[str]:
         return [words[i] for i in rng.choice(num_words, size=int(rng.integers(6, 14)), p=zipf)]
 
+    lexicon = directory / "lexicon.txt"
+    lexicon.write_text("".join(f"{w}\t{' '.join(w)} |\n" for w in words))
+    text = directory / "lm.txt"
+    text.write_text("\n".join(" ".join(sentence()) for _ in range(20 * num_words)) + "\n")
+    arpa = directory / "lm.arpa"
+    lmplz = Path(sys.executable).parent / "lmplz"
+    subprocess.run([str(lmplz), "-o", "4", "-S", "200M", "-T", str(directory), "--discount_fallback", "--text",
+                    str(text), "--arpa", str(arpa)], check=True, capture_output=True)
+    return lexicon, arpa, sentence
+
+
+def bench_beam(num_words: int, utterances: int, beam: int, repeats: int) -> float:
+    from torchaudio.models.decoder import ctc_decoder
+
+    rng = np.random.default_rng(1)
+    dictionary = Dictionary.from_symbols(LETTERS)
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
-        tmp_path = Path(tmp)
-        lexicon = tmp_path / "lexicon.txt"
-        lexicon.write_text("".join(f"{w}\t{' '.join(w)} |\n" for w in words))
-        text = tmp_path / "lm.txt"
-        text.write_text("\n".join(" ".join(sentence()) for _ in range(20 * num_words)) + "\n")
-        arpa = tmp_path / "lm.arpa"
-        lmplz = Path(sys.executable).parent / "lmplz"
-        subprocess.run([str(lmplz), "-o", "4", "-S", "200M", "-T", tmp, "--discount_fallback", "--text", str(text),
-                        "--arpa", str(arpa)], check=True, capture_output=True)
+        lexicon, arpa, sentence = synthetic_lexicon_and_lm(Path(tmp), num_words, rng)
         emissions = [noisy_emissions(sentence(), dictionary, rng) for _ in range(utterances)]
         weights = dict(lm_weight=2.0, word_score=-1.0, sil_weight=0.0, unk_weight=float("-inf"))
         ours = LexiconBeamDecoder(dictionary, lexicon, "kenlm", arpa, beam=beam, beam_threshold=25.0,

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench_decode import LETTERS, noisy_emissions, pseudo_words
+from benchmarks.bench_decode import LETTERS, noisy_emissions, synthetic_lexicon_and_lm
 from repro.checkpoints.format import atomic_save, model_file
 from repro.data.dictionary import Dictionary
 from repro.data.manifest import ManifestEntry, format_manifest
@@ -44,24 +44,12 @@ def bench(num_words: int, utterances: int, beam: int, repeats: int) -> float:
 
     rng = np.random.default_rng(2)
     dictionary = Dictionary.from_symbols(LETTERS)
-    words = pseudo_words(rng, num_words)
-    zipf = 1.0 / np.arange(1, num_words + 1)
-    zipf /= zipf.sum()
-
-    def sentence() -> list[str]:
-        return [words[i] for i in rng.choice(num_words, size=int(rng.integers(6, 14)), p=zipf)]
-
     with tempfile.TemporaryDirectory(prefix="bench-pseudo-label-") as tmp:
         root = Path(tmp)
-        lexicon = root / "lexicon.txt"
-        lexicon.write_text("".join(f"{w}\t{' '.join(w)} |\n" for w in words))
-        text = root / "lm.txt"
-        text.write_text("\n".join(" ".join(sentence()) for _ in range(20 * num_words)) + "\n")
-        arpa, binary = root / "lm.arpa", root / "lm.bin"
-        tools = Path(sys.executable).parent
-        subprocess.run([str(tools / "lmplz"), "-o", "4", "-S", "200M", "-T", tmp, "--discount_fallback", "--text",
-                        str(text), "--arpa", str(arpa)], check=True, capture_output=True)
-        subprocess.run([str(tools / "build_binary"), str(arpa), str(binary)], check=True, capture_output=True)
+        lexicon, arpa, sentence = synthetic_lexicon_and_lm(root, num_words, rng)
+        binary = root / "lm.bin"  # what a labelling job loads (fast to open)
+        subprocess.run([str(Path(sys.executable).parent / "build_binary"), str(arpa), str(binary)], check=True,
+                       capture_output=True)
         emissions = [noisy_emissions(sentence(), dictionary, rng) for _ in range(utterances)]
         audio_seconds = sum(e.shape[0] for e in emissions) / FRAMES_PER_SECOND
 
