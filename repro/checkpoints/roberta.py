@@ -73,8 +73,12 @@ def describe_model(arch: str, section: dict[str, Any]) -> str:
 
 
 def check_roberta_arch(arch: str, section: dict[str, Any], path: Path | str) -> str:
-    """The arch name, or NotRobertaError saying what the file holds instead."""
-    if arch in ROBERTA_ARCHS:
+    """The arch name, or NotRobertaError saying what the file holds instead.
+
+    Any `roberta*` encoder arch is accepted here; options repro does not implement (pre-LN
+    `roberta_prenorm`, untied heads, ...) are refused by name in `model_config_from_stored`.
+    """
+    if arch in ROBERTA_ARCHS or (arch.startswith("roberta") and arch != "roberta_enc_dec"):
         return arch
     hint = ""
     if arch in ("wav2vec", "audio_cpc"):
@@ -129,7 +133,7 @@ def model_config_from_stored(arch: str, section: dict[str, Any], state: dict[str
             raise CheckpointError(f"{path}: RoBERTa with {name}={section[name]!r} is not implemented "
                                   f"(repro supports {supported!r})")
     values = dict(COMMON_DEFAULTS)
-    values.update(ARCH_DEFAULTS.get(arch, ARCH_DEFAULTS["roberta"]))
+    values.update(ARCH_DEFAULTS["roberta_large" if "large" in arch else "roberta"])
     for name in list(values) + ["encoder_layers"]:
         if section.get(name) is not None:
             values[name] = section[name]

@@ -153,6 +153,15 @@ def test_cfg_era_and_packed_attention_files_give_the_same_model(released, tmp_pa
     torch.testing.assert_close(load_roberta(tmp_path / "packed.pt", released / "dict.txt").model(tokens), reference)
 
 
+def test_options_repro_does_not_implement_are_refused_by_name(released, tmp_path):
+    section = argparse.Namespace(**{**vars(args_2019(arch="roberta_prenorm")), "_name": "roberta_prenorm",
+                                    "layernorm_embedding": False, "encoder_normalize_before": True})
+    torch.save({"cfg": {"model": section, "task": {"_name": "masked_lm"}},
+                "model": to_current_layout(roberta_state_2019(VOCAB))}, tmp_path / "prenorm.pt")
+    with pytest.raises(CheckpointError, match="encoder_normalize_before=True is not implemented"):
+        load_roberta(tmp_path / "prenorm.pt", released / "dict.txt")
+
+
 def test_positions_are_offset_by_the_padding_index():
     tokens = torch.tensor([[0, 7, 8, 2, 1, 1], [0, 9, 2, 1, 1, 1]])
     assert make_positions(tokens, 1).tolist() == [[2, 3, 4, 5, 1, 1], [2, 3, 4, 1, 1, 1]]
