@@ -46,6 +46,7 @@ IGNORED = (
     "common.cpu", "common.log_interval", "common.log_format",
     "dataset.num_workers", "dataset.validate_interval_updates", "dataset.validate_after_updates",
     "dataset.disable_validation", "dataset.skip_invalid_size_inputs_valid_test", "task.eval_wer",
+    "criterion.log_keys", "criterion.post_process",
     "checkpoint.save_dir", "checkpoint.save_interval_updates", "checkpoint.keep_interval_updates",
     "checkpoint.no_save", "checkpoint.save_optimizer_state",
     *(f"checkpoint.{flag}" for flag in RESET_FLAGS),

@@ -9,7 +9,6 @@ hydra-submitit-launcher (`hydra/launcher=repro_slurm`).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_fixtures import make_corpus  # noqa: E402
@@ -41,11 +41,7 @@ def _slurm_available() -> str | None:
 @pytest.fixture(scope="module", autouse=True)
 def slurm_cluster() -> None:
     reason = _slurm_available()
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but {reason}")
-    pytest.skip(reason)
+    require(reason is None, reason or "")
 
 
 def tiny_overrides(data_dir: Path, max_update: int = MAX_UPDATE) -> list[str]:

@@ -75,7 +75,7 @@ def test_what_does_not_change_training_may_change():
     current = resolved(common={"log_interval": 50, "cpu": False}, dataset={"num_workers": 4},
                        tracker={"backends": ["mlflow"]}, distributed_training={"distributed_world_size": 8},
                        checkpoint={"save_interval_updates": 100, "keep_interval_updates": 1},
-                       optimization={"max_epoch": 3}, cluster={"name": "slurm"})
+                       optimization={"max_epoch": 3}, cluster={"name": "slurm"}, criterion={"log_keys": []})
     assert config_changes(saved, current) == []
     assert resets_for_resume(saved, current, "ckpt") == frozenset()
 
