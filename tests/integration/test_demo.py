@@ -100,3 +100,12 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_first_run_says_it_creates_the_tracking_store_and_checks_the_audio(demo_run):
+    _, first, second = demo_run
+    first_output, second_output = first.stdout + first.stderr, second.stdout + second.stderr
+    assert "MLflow: creating the embedded store" in first_output
+    assert "did not answer" not in first_output and "did not answer" not in second_output
+    assert "creating the embedded store" not in second_output
+    assert "audio check: " in first_output
