@@ -279,14 +279,3 @@ def load_roberta_raw(raw: dict[str, Any], path: Path, dict_path: Path | None = N
     log.info("%s: loaded fairseq RoBERTa (%s era, %d layers, %d symbols)", path, stored.era,
              model_cfg.encoder_layers, vocab_rows)
     return LoadedModel(model=model, model_cfg=model_cfg, task_cfg=task, dictionary=dictionary, kind="roberta")
-
-
-def is_roberta_checkpoint(source: str | Path) -> bool:
-    """Whether `source` (file or folder) is a RoBERTa checkpoint, fairseq's or ours (reads the file safely)."""
-    path, _ = resolve_paths(Path(source), None)
-    raw = safe_load(path)
-    if "format" in raw:
-        return raw.get("kind") in KINDS
-    if raw.get("args") is None and raw.get("cfg") is None:
-        return False
-    return stored_config(raw, path).arch in ROBERTA_ARCHS
