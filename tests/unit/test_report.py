@@ -22,7 +22,7 @@ UPDATE_GOLDEN = os.environ.get("REPRO_UPDATE_GOLDEN") == "1"
 
 
 def fixed_records() -> list[RunRecord]:
-    """A fixed set of runs: two LibriSpeech rows (one finished, one failed) and two demo runs."""
+    """A fixed set of runs: three LibriSpeech rows (two finished, one failed) and two demo runs."""
     return [
         RunRecord(
             name="base_10m",
@@ -50,6 +50,18 @@ def fixed_records() -> list[RunRecord]:
             model="LARGE",
             pretrain_data="LV-60k",
             labeled_data="100h",
+        ),
+        RunRecord(
+            name="large_lv60_10m_st",
+            run_dir="runs/large_lv60_10m_st",
+            status="finished",
+            stage="pseudo_label,finetune,evaluate",
+            rows=["st-t1-wav2vec-2-0-large-st-ctc-ft-lv-60k-10m-with-lm-see-notes"],
+            model="LARGE",
+            pretrain_data="LV-60k",
+            labeled_data="10m",
+            results={"kenlm_4gram": {"dev_clean": {"wer": 3.1}, "dev_other": {"wer": 5.0}, "test_clean": {"wer": 3.3},
+                                     "test_other": {"wer": 5.6}}},
         ),
         RunRecord(
             name="demo/pretrained_1h",
@@ -100,7 +112,9 @@ def test_row_ids_are_unique_and_stable():
 
 def test_tables_join_ours_with_paper_and_keep_synthetic_apart():
     tables = build_tables(fixed_records(), load_paper_rows())
-    assert [t.title.split(":")[0] for t in tables] == ["Table 1", "Table 2", "Synthetic corpus (demo; not comparable with LibriSpeech numbers)"]
+    assert [t.title.split(":")[0] for t in tables] == [
+        "Table 1", "Table 2", "Xu et al. 2021 Table 1", "Xu et al. 2021",
+        "Synthetic corpus (demo; not comparable with LibriSpeech numbers)"]
     table1 = {r.row_id: r for r in tables[0].rows}
     base = table1["w2v2-t1-base-ls-960-10m-4-gram"]
     assert base.status == "finished"
@@ -108,7 +122,14 @@ def test_tables_join_ours_with_paper_and_keep_synthetic_apart():
     assert table1["w2v2-t1-base-ls-960-10m-transf"].ours == {"dev_clean": None, "dev_other": None, "test_clean": None, "test_other": None}
     assert table1["w2v2-t1-large-lv-60k-100h-transf"].status == "failed"
     assert table1["w2v2-t1-large-ls-960-1h-transf"].status == "not run"
-    synthetic = tables[2].rows
+    # Xu et al.'s "with LM" rows show our best LM decoding present (here the 4-gram), and say so
+    self_training = {r.row_id: r for r in tables[2].rows}
+    st = self_training["st-t1-wav2vec-2-0-large-st-ctc-ft-lv-60k-10m-with-lm-see-notes"]
+    assert st.status == "finished" and st.lm == "with LM (see notes): ours 4-gram"
+    assert st.delta("test_clean") == pytest.approx(3.3 - 3.0) and st.delta("test_other") == pytest.approx(5.6 - 5.2)
+    assert all("ST (ctc ft)" in r.model for r in tables[2].rows)  # s2s scratch and baselines are not re-run
+    assert [r.paper["test_other"] for r in tables[3].rows] == [3.1]  # 960 h, as quoted by HuBERT
+    synthetic = tables[4].rows
     assert all(not r.paper for r in synthetic)  # never joined with LibriSpeech numbers
     assert {(r.pretrain_data, r.lm) for r in synthetic} == {("synthetic", "None"), ("synthetic", "4-gram"), ("none (from scratch)", "None")}
 
