@@ -123,6 +123,22 @@ class RunContext:
     def runs_root(self) -> Path:
         return runs_root(self.run_dir)
 
+    @property
+    def run_name(self) -> str:
+        """What the run is, for tracker UIs: its directory under the runs root (`demo/pretrained_10m`,
+        `base_10m`), so that sibling runs of one experiment are told apart; the experiment otherwise."""
+        return run_display_name(self.run_dir, self.experiment)
+
+
+def run_display_name(run_dir: str | Path, experiment: str) -> str:
+    """The run directory relative to the runs root (posix), or `experiment` when that is empty."""
+    run_dir = Path(run_dir).resolve()
+    try:
+        relative = run_dir.relative_to(runs_root(run_dir)).as_posix()
+    except ValueError:
+        relative = ""
+    return relative if relative not in ("", ".") else experiment
+
 
 def build_context(cfg: Any, run_dir: str | Path) -> RunContext:
     """Derive run name, tags and params from the composed config and the environment."""

@@ -29,7 +29,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from repro.track.base import metric_key, scalar_metrics
-from repro.track.context import RunContext, read_tracker_runs, runs_root, update_tracker_runs
+from repro.track.context import (
+    RunContext,
+    read_tracker_runs,
+    run_display_name,
+    runs_root,
+    update_tracker_runs,
+)
 from repro.track.jsonl import (
     PARAMS_FILE,
     RESERVED_KEYS,
@@ -42,6 +48,10 @@ from repro.track.jsonl import (
 log = logging.getLogger("repro.track")
 
 STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
+# MLflow 3's UI opens an experiment without this tag on its GenAI traces page; every repro experiment
+# trains models, so it is marked as such ("custom_model_development" is the UI's "model training").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def default_tracking_uri(root: str | Path) -> str:
@@ -69,9 +79,12 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:  # created meanwhile by a sibling job of the sweep
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -389,10 +402,10 @@ class MlflowTracker:
                     client.update_run(self._run_id, status="RUNNING")
                 return
         experiment_id = get_or_create_experiment(client, self.experiment_name, self.artifact_location)
-        tags = {"mlflow.runName": self.context.experiment}
+        tags = {"mlflow.runName": self.context.run_name}
         if self.context.sweep_dir:
             tags["mlflow.parentRunId"] = _SweepParent.run_id(client, experiment_id, self.context, self.tracking_uri)
-        run = client.create_run(experiment_id, run_name=self.context.experiment, tags=tags)
+        run = client.create_run(experiment_id, run_name=self.context.run_name, tags=tags)
         self._run_id = run.info.run_id
         update_tracker_runs(
             self.run_dir, "mlflow",
@@ -443,7 +456,8 @@ def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None) -> dict[s
         root = runs_root(run_dir)
         artifact_location = default_artifact_location(root) if uri == default_tracking_uri(root) else None
         experiment_id = get_or_create_experiment(client, name, artifact_location)
-        run_id = client.create_run(experiment_id, run_name=experiment, tags={"mlflow.runName": experiment}).info.run_id
+        run_name = run_display_name(run_dir, experiment)
+        run_id = client.create_run(experiment_id, run_name=run_name, tags={"mlflow.runName": run_name}).info.run_id
         update_tracker_runs(run_dir, "mlflow", {"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id})
     if tags:
         log_tags(client, run_id, tags)

@@ -70,7 +70,7 @@ class WandbTracker:
             entity=str(entity) if entity else None,
             group=context.experiment,
             job_type=context.stage,
-            name=context.experiment,
+            name=context.run_name,
             id=self.run_id,
             resume="allow",
             mode=mode,  # type: ignore[arg-type]
