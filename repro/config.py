@@ -724,6 +724,22 @@ class SelfTrainingConfig:
 
 
 @dataclass
+class DemoSizeConfig:
+    """A larger demo for a CUDA machine (`demo.auto_size`): replaces the CPU sizes of `demo`."""
+
+    corpus_dir: str = "data/synthetic-cuda"
+    """Corpus directory of this size (a corpus of another size cannot share a directory)."""
+    corpus_hours: float = positive(4.0)
+    """Total hours of synthetic speech over all splits."""
+    pretrain_updates: int = positive(4000)
+    """Pretraining updates."""
+    finetune_updates: int = positive(2000)
+    """Fine-tuning updates per labeled split."""
+    model_overrides: list[str] = field(default_factory=list)
+    """Hydra overrides applied to the pretraining and fine-tuning runs (e.g. `model.encoder_layers=6`)."""
+
+
+@dataclass
 class DemoConfig:
     """The miniature end-to-end reproduction of `make demo` (stage `demo`)."""
 
@@ -745,6 +761,12 @@ class DemoConfig:
     """Decoding setups evaluated on every dev/test split."""
     report_dir: str = "reports/demo"
     """Where the report is written."""
+    threads: int = positive(1)
+    """torch threads of every step (1: shares a 2-core machine with another job without collapsing)."""
+    auto_size: bool = True
+    """On a CUDA machine, run the `cuda` size instead of the CPU one."""
+    cuda: DemoSizeConfig = field(default_factory=DemoSizeConfig)
+    """The size run on a CUDA machine when `auto_size` is on."""
 
 
 @dataclass

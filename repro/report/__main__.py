@@ -13,18 +13,24 @@ import sys
 from pathlib import Path
 
 from repro.report.collect import collect_mlflow, collect_run_dirs
+from repro.report.effect import effect_summary
 from repro.report.paper import load_paper_rows
-from repro.report.plots import all_plots
+from repro.report.plots import PLOT_CAPTIONS, all_plots
 from repro.report.render import to_csv, to_html, to_latex, to_markdown
 from repro.report.tables import build_tables, compute_rows
 
 
-def write_report(records, out_dir: Path, title: str = "repro: results beside the paper") -> dict[str, Path]:
-    """Write every report file for `records` into `out_dir`; return them by kind."""
+def write_report(records, out_dir: Path, title: str = "repro: results beside the paper",
+                 context: dict | None = None) -> dict[str, Path]:
+    """Write every report file for `records` into `out_dir`; return them by kind. `context` (the demo's
+    size, threads and step timings) is described at the top of the HTML page."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = build_tables(records, load_paper_rows())
     compute = compute_rows(records)
-    plots = all_plots(tables, records)
+    synthetic = [r for r in records if r.synthetic]
+    effect = effect_summary(synthetic) if synthetic else None
+    plots = all_plots(tables, records, chance=effect.chance_accuracy if effect else None,
+                      max_code_perplexity=effect.max_code_perplexity if effect else None)
     written = {
         "markdown": out_dir / "results.md",
         "latex": out_dir / "results.tex",
@@ -40,7 +46,8 @@ def write_report(records, out_dir: Path, title: str = "repro: results beside the
         path.write_bytes(png)
         written[f"plot:{name}"] = path
     encoded = {name: base64.b64encode(png).decode("ascii") for name, png in plots.items()}
-    written["html"].write_text(to_html(tables, compute, encoded, title=title))
+    written["html"].write_text(to_html(tables, compute, encoded, title=title, effect=effect, context=context,
+                                       captions=PLOT_CAPTIONS))
     return written
 
 

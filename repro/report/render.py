@@ -6,6 +6,7 @@ import csv
 import html
 import io
 
+from repro.report.effect import Effect
 from repro.report.paper import SPLITS
 from repro.report.tables import SPLIT_TITLES, ComputeRow, Table, format_cell
 
@@ -91,43 +92,130 @@ def to_csv(tables: list[Table]) -> str:
 
 
 _STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#222;line-height:1.45}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}
 th,td{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left}
 th{border-bottom:2px solid #444}
 td.num{font-variant-numeric:tabular-nums;text-align:right}
+td.group{font-weight:600;background:#f6f8fa}
 .status-finished{color:#1a7f37}.status-failed{color:#cf222e}.status-running{color:#9a6700}.status-not{color:#888}
-img{max-width:100%;border:1px solid #eee;margin:0.5em 0}
+.verdict{font-size:1.15em;font-weight:600;margin:1em 0}
+.met{color:#1a7f37}.unmet{color:#cf222e}
+ul.checks{list-style:none;padding-left:0}
+figure{margin:1.5em 0}
+figure img{width:100%;max-width:1000px;border:1px solid #eee}
+details{margin:1em 0}summary{cursor:pointer;color:#555}
 """
 
 
-def to_html(tables: list[Table], compute: list[ComputeRow], plots: dict[str, str], title: str = "repro report") -> str:
-    """A single HTML file: tables, compute and the plots embedded as base64 PNG (no network needed)."""
+def _results_table(table: Table, rows) -> list[str]:
+    e = html.escape
+    out = ["<table><thead><tr>"]
+    out += [f"<th>{e(h)}</th>" for h in ROW_HEADER + [SPLIT_TITLES[s] for s in SPLITS] + ["Status"]]
+    out.append("</tr></thead><tbody>")
+    for row in rows:
+        cells = [row.model, row.pretrain_data, row.labeled_data, row.lm]
+        cells += [format_cell(row, split, table.synthetic) for split in SPLITS]
+        out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells[:4]))
+        out.append("".join(f"<td class='num'>{e(c)}</td>" for c in cells[4:]))
+        out.append(f"<td class='status-{e(row.status.split()[0])}'>{e(row.status)}</td></tr>")
+    out.append("</tbody></table>")
+    return out
+
+
+def _effect_html(effect: Effect, context: dict | None) -> list[str]:
+    """What was run, the verdict, the goal checks and the Table-1-shaped grid of the demo."""
+    e = html.escape
+    out = []
+    if context:
+        steps = context.get("steps") or []
+        trained = [s for s in steps if not s.get("reused")]
+        minutes = sum(s["seconds"] for s in steps) / 60
+        peak = max((s["peak_rss_mb"] for s in steps), default=0)
+        out.append(
+            f"<p>What was run: the demo's <b>{e(str(context.get('size', '')))}</b> size — a "
+            f"{e(str(context.get('corpus_hours', '')))} h synthetic corpus, pretraining, then CTC fine-tuning on the "
+            f"{', '.join(effect.labeled_splits) or 'labeled'} analogues from the pretrained encoder and from scratch, "
+            f"each decoded with Viterbi and a 4-gram; {context.get('threads', '?')} torch thread(s); "
+            f"{len(trained)} steps trained in {minutes:.1f} min, peak resident memory {peak:.0f} MiB.</p>"
+        )
+    out.append(f"<p class='verdict'>{e(effect.verdict)}</p>")
+    if effect.checks:
+        out.append("<ul class='checks'>")
+        for check in effect.checks:
+            mark, css = ("&#10003;", "met") if check.met else ("&#10007;", "unmet")
+            out.append(f"<li class='{css}'>{mark} {e(check.text)}</li>")
+        out.append("</ul>")
+    if not effect.wer:
+        return out
+    out.append("<h2>Word error rate (%), laid out as the paper's Table 1</h2>")
+    out.append("<table><thead><tr><th>Labeled</th><th>Encoder</th><th>LM</th>")
+    out += [f"<th>{e(SPLIT_TITLES[s])}</th>" for s in SPLITS]
+    out.append("<th>dev-other gain</th></tr></thead><tbody>")
+    for labeled in effect.labeled_splits:
+        for variant, label in (("pretrained", "pretrained"), ("scratch", "from scratch")):
+            for decoding, lm in (("viterbi", "None"), ("kenlm_4gram", "4-gram")):
+                values = effect.wer.get((labeled, variant, decoding))
+                if values is None:
+                    continue
+                cells = "".join(
+                    f"<td class='num'>{'-' if values.get(s) is None else f'{values[s]:.1f}'}</td>" for s in SPLITS)
+                gain = effect.relative_gain(labeled, decoding=decoding) if variant == "pretrained" else None
+                gain_cell = "" if gain is None else f"{gain:+.0%}"
+                out.append(f"<tr><td>{e(labeled)}</td><td>{label}</td><td>{lm}</td>{cells}"
+                           f"<td class='num'>{gain_cell}</td></tr>")
+    out.append("</tbody></table>")
+    out.append("<p>dev-other gain: relative WER reduction of the pretrained model over its from-scratch twin "
+               "with the same labels and decoding.</p>")
+    return out
+
+
+def to_html(tables: list[Table], compute: list[ComputeRow], plots: dict[str, str], title: str = "repro report",
+            effect: Effect | None = None, context: dict | None = None,
+            captions: dict[str, str] | None = None) -> str:
+    """A single HTML file (plots embedded as base64 PNG, no network needed). It leads with what was run:
+    the demo's effect when there is one, then every table row that has a run; rows never run are folded
+    under a closed <details>."""
     e = html.escape
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_STYLE}</style></head><body>"]
     out.append(f"<h1>{e(title)}</h1>")
-    for table in tables:
-        out.append(f"<h2>{e(table.title)}</h2><p>{e(_cell_legend(table))}</p><table><thead><tr>")
-        out += [f"<th>{e(h)}</th>" for h in ROW_HEADER + [SPLIT_TITLES[s] for s in SPLITS] + ["Status"]]
-        out.append("</tr></thead><tbody>")
-        for row, cells in _row_cells(table):
-            out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells[:4]))
-            out.append("".join(f"<td class='num'>{e(c)}</td>" for c in cells[4:]))
-            out.append(f"<td class='status-{e(row.status.split()[0])}'>{e(row.status)}</td></tr>")
-        out.append("</tbody></table>")
-    out.append("<h2>Compute</h2><table><thead><tr>")
-    out += [f"<th>{h}</th>" for h in ("Run", "Status", "GPUs", "Wall hours", "GPU-hours", "Paper GPU-hours")]
-    out.append("</tr></thead><tbody>")
-    for c in compute:
-        out.append(
-            f"<tr><td>{e(c.run)}</td><td>{e(c.status)}</td><td class='num'>{c.gpus}</td>"
-            f"<td class='num'>{_hours(c.wall_hours)}</td><td class='num'>{_hours(c.gpu_hours)}</td>"
-            f"<td class='num'>{_hours(c.paper_gpu_hours)}</td></tr>"
-        )
-    out.append("</tbody></table>")
+    if effect is not None:
+        out += _effect_html(effect, context)
     if plots:
-        out.append("<h2>Plots</h2>")
+        out.append("<h2>Learning curves</h2>")
         for name, png_base64 in plots.items():
-            out.append(f"<h3>{e(name)}</h3><img alt='{e(name)}' src='data:image/png;base64,{png_base64}'>")
+            caption = (captions or {}).get(name, name.replace("_", " "))
+            out.append(f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{png_base64}'>"
+                       f"<figcaption>{e(caption)}</figcaption></figure>")
+    ordered = sorted(tables, key=lambda t: not t.synthetic)  # what this suite ran on its own corpus first
+    folded = []
+    for table in ordered:
+        ran = [row for row in table.rows if row.status != "not run"]
+        not_run = [row for row in table.rows if row.status == "not run"]
+        if not ran:
+            folded.append((table, not_run))
+            continue
+        out.append(f"<h2>{e(table.title)}</h2><p>{e(_cell_legend(table))}</p>")
+        out += _results_table(table, ran)
+        if not_run:
+            out.append(f"<details><summary>{len(not_run)} more paper rows, not run</summary>")
+            out += _results_table(table, not_run)
+            out.append("</details>")
+    if compute:
+        out.append("<h2>Compute</h2><table><thead><tr>")
+        out += [f"<th>{h}</th>" for h in ("Run", "Status", "GPUs", "Wall hours", "GPU-hours", "Paper GPU-hours")]
+        out.append("</tr></thead><tbody>")
+        for c in compute:
+            out.append(
+                f"<tr><td>{e(c.run)}</td><td>{e(c.status)}</td><td class='num'>{c.gpus}</td>"
+                f"<td class='num'>{_hours(c.wall_hours)}</td><td class='num'>{_hours(c.gpu_hours)}</td>"
+                f"<td class='num'>{_hours(c.paper_gpu_hours)}</td></tr>"
+            )
+        out.append("</tbody></table>")
+    for table, rows in folded:
+        out.append(f"<details><summary>{e(table.title)}: {len(rows)} paper rows, none run</summary>")
+        out.append(f"<p>{e(_cell_legend(table))}</p>")
+        out += _results_table(table, rows)
+        out.append("</details>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"

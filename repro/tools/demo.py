@@ -6,16 +6,26 @@ evaluation -> report. Every step is an ordinary run (its own run directory with 
 status.json, metrics.jsonl and tracker runs) composed from `experiment=demo_pretrain` /
 `experiment=demo_finetune`, so an interrupted demo resumes: finished steps are skipped and the
 unfinished one continues from its last checkpoint.
+
+Each step prints its wall time and the process's peak resident memory during that step
+(`steps.json` in the demo's run directory keeps them). On a CUDA machine `demo.auto_size` swaps
+in the larger `demo.cuda` size.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import json
+import resource
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
@@ -26,6 +36,7 @@ from repro.data.synth import make_corpus
 from repro.decode.evaluate import run_evaluate
 from repro.report.__main__ import write_report
 from repro.report.collect import collect_run_dirs
+from repro.report.effect import effect_summary
 from repro.tools.manifest import build_manifest
 from repro.tools.prepare_librispeech import prepare
 from repro.track import build_tracker
@@ -33,10 +44,87 @@ from repro.track.status import read_status, run_stages
 from repro.train.stages import run_finetune, run_pretrain
 
 EVAL_SPLITS = ["dev_clean", "dev_other", "test_clean", "test_other"]
+STEPS_FILE = "steps.json"
 
 
 def say(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None  # not glibc: nothing to tune
+
+
+def bound_heap() -> None:
+    """Serve allocations of 1 MiB and more (activations, audio batches) with mmap, so that freeing them
+    returns the memory to the system. glibc's default raises this threshold on every large free, after
+    which freed activations stay in the heap: the demo process then held ~2.5 GB for a 0.8M-parameter
+    model (issue 13). A fixed threshold costs a page fault per large tensor, which is small here."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
+def release_memory() -> None:
+    """Give freed heap pages back to the system between steps (garbage first, then glibc's trim)."""
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def current_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter of this process (Linux: `5` into clear_refs), so that the
+    next `peak_rss_mb` is the peak of one step rather than of the whole process so far."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux, or not allowed: peak_rss_mb then reports the process-wide peak
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory (MiB) since the last `reset_peak_rss` (VmHWM), else since the start."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+@dataclass
+class StepRecord:
+    """Wall time and peak memory of one demo step."""
+
+    name: str
+    seconds: float
+    peak_rss_mb: float
+    reused: bool = False
+
+
+# --- composition ----------------------------------------------------------------------------------
 
 
 def compose_experiment(experiment: str, overrides: list[str]) -> DictConfig:
@@ -48,15 +136,42 @@ def compose_experiment(experiment: str, overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=arguments)
 
 
-def run_step(name: str, run_dir: Path, cfg: DictConfig, stages: list[tuple[str, Callable]]) -> None:
+@dataclass
+class DemoSize:
+    """What one demo run trains: the CPU defaults of `demo`, or `demo.cuda` on a CUDA machine."""
+
+    label: str
+    corpus_dir: str
+    corpus_hours: float
+    pretrain_updates: int
+    finetune_updates: int
+    model_overrides: list[str]
+
+
+def choose_size(demo: DictConfig, cuda_available: bool) -> DemoSize:
+    """The CUDA size when `demo.auto_size` is on and a GPU is visible, the configured CPU size otherwise."""
+    if demo.auto_size and cuda_available:
+        big = demo.cuda
+        return DemoSize("cuda", str(big.corpus_dir), float(big.corpus_hours), int(big.pretrain_updates),
+                        int(big.finetune_updates), list(big.model_overrides))
+    return DemoSize("cpu", str(demo.corpus_dir), float(demo.corpus_hours), int(demo.pretrain_updates),
+                    int(demo.finetune_updates), [])
+
+
+def run_step(name: str, run_dir: Path, cfg: DictConfig, stages: list[tuple[str, Callable]]) -> StepRecord:
     """Run one demo step as a tracked run in `run_dir`, unless it already finished."""
     if read_status(run_dir).get("status") == "finished":
         say(f"{name}: already finished ({run_dir})")
-        return
+        return StepRecord(name, 0.0, peak_rss_mb(), reused=True)
+    reset_peak_rss()
     started = time.time()
     say(f"{name}: running in {run_dir}")
     run_stages(cfg, run_dir, name=name, stages=stages, gpus=0, tracker=build_tracker(cfg, run_dir))
-    say(f"{name}: finished in {time.time() - started:.0f} s")
+    record = StepRecord(name, time.time() - started, peak_rss_mb())
+    release_memory()
+    say(f"{name}: finished in {record.seconds:.0f} s, peak RSS {record.peak_rss_mb:.0f} MiB "
+        f"({current_rss_mb():.0f} MiB after it)")
+    return record
 
 
 def prepare_data(corpus_dir: Path, hours: float, seed: int) -> Path:
@@ -77,26 +192,32 @@ def prepare_data(corpus_dir: Path, hours: float, seed: int) -> Path:
 def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, Any]:
     demo = cfg.demo
     started = time.time()
-    corpus_dir = Path(demo.corpus_dir).resolve()
-    manifests = prepare_data(corpus_dir, float(demo.corpus_hours), int(demo.corpus_seed))
+    torch.set_num_threads(max(1, int(demo.threads)))
+    bound_heap()
+    size = choose_size(demo, torch.cuda.is_available())
+    say(f"size: {size.label} ({size.corpus_hours} h corpus, {size.pretrain_updates} pretraining and "
+        f"{size.finetune_updates} fine-tuning updates, {torch.get_num_threads()} torch thread(s)"
+        + (f", {' '.join(size.model_overrides)}" if size.model_overrides else "") + ")")
+    steps: list[StepRecord] = []
+    reset_peak_rss()
+    corpus_dir = Path(size.corpus_dir).resolve()
+    manifests = prepare_data(corpus_dir, size.corpus_hours, int(demo.corpus_seed))
+    steps.append(StepRecord("corpus + manifests", time.time() - started, peak_rss_mb()))
     # sub-runs track where the demo itself is configured to (one MLflow store per runs root)
-    tracker_override = [
+    common = [
+        f"common.seed={cfg.common.seed}",
         f"tracker.backends=[{','.join(cfg.tracker.backends)}]",
         f"tracker.mlflow.tracking_uri={cfg.tracker.mlflow.tracking_uri or 'null'}",
         f"tracker.wandb.mode={cfg.tracker.wandb.mode}",
+        *size.model_overrides,
     ]
 
     pretrain_dir = run_dir / "pretrain"
     pretrain_cfg = compose_experiment(
         "demo_pretrain",
-        [
-            f"task.data={manifests / 'pretrain'}",
-            f"optimization.max_update={demo.pretrain_updates}",
-            f"common.seed={cfg.common.seed}",
-            *tracker_override,
-        ],
+        [f"task.data={manifests / 'pretrain'}", f"optimization.max_update={size.pretrain_updates}", *common],
     )
-    run_step("demo/pretrain", pretrain_dir, pretrain_cfg, [("pretrain", run_pretrain)])
+    steps.append(run_step("demo/pretrain", pretrain_dir, pretrain_cfg, [("pretrain", run_pretrain)]))
     pretrained = pretrain_dir / "checkpoints" / "checkpoint_last.pt"
 
     lm_dir = corpus_dir / "lm"
@@ -106,7 +227,7 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
             overrides = [
                 f"task.data={manifests / 'finetune'}",
                 f"dataset.train_subset=train_{split}",
-                f"optimization.max_update={demo.finetune_updates}",
+                f"optimization.max_update={size.finetune_updates}",
                 f"model.no_pretrained_weights={from_scratch}",
                 f"model.w2v_path={'null' if from_scratch else pretrained}",
                 f"decodings.kenlm_4gram.lm_model={lm_dir / '4-gram.bin'}",
@@ -114,39 +235,51 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
                 f"paper.labeled_data={split}",
                 f"paper.pretrain_data={'synthetic' if not from_scratch else 'none'}",
                 f"paper.decoding=[{','.join(demo.decodings)}]",
-                f"common.seed={cfg.common.seed}",
-                *tracker_override,
+                *common,
             ]
             finetune_cfg = compose_experiment("demo_finetune", overrides)
-            run_step(
+            steps.append(run_step(
                 f"demo/{variant}_{split}",
-                run_dir / f"finetune_{split}_{variant}",
+                run_dir / f"{variant}_{split}",  # the MLflow run name is this directory: demo/pretrained_10m
                 finetune_cfg,
                 [("finetune", run_finetune), ("evaluate", run_evaluate)],
-            )
+            ))
 
+    reset_peak_rss()
+    report_started = time.time()
     report_dir = Path(demo.report_dir)
     records = [r for r in collect_run_dirs(run_dir) if r.name.startswith("demo/")]
-    written = write_report(records, report_dir, title="repro demo: tiny wav2vec 2.0 on the synthetic corpus")
-    summary = _summary(records, written, run_dir, time.time() - started)
+    title = "repro demo: tiny wav2vec 2.0 on the synthetic corpus"
+    written = write_report(records, report_dir, title=title,
+                           context={"size": size.label, "threads": torch.get_num_threads(),
+                                    "corpus_hours": size.corpus_hours, "steps": [asdict(s) for s in steps]})
+    steps.append(StepRecord("report", time.time() - report_started, peak_rss_mb()))
+    (run_dir / STEPS_FILE).write_text(json.dumps([asdict(s) for s in steps], indent=1) + "\n")
+    summary = _summary(records, written, run_dir, time.time() - started, steps)
     print(summary)
     (run_dir / "summary.txt").write_text(summary)
-    return {"report": str(written["html"]), "runs": [r.name for r in records]}
+    return {"report": str(written["html"]), "runs": [r.name for r in records], "size": size.label}
 
 
-def _summary(records, written: dict[str, Path], run_dir: Path, seconds: float) -> str:
+def _summary(records, written: dict[str, Path], run_dir: Path, seconds: float, steps: list[StepRecord]) -> str:
     lines = ["", "=" * 72, f"repro demo finished in {seconds / 60:.1f} min", ""]
-    lines.append(f"{'run':28s} {'split':6s} " + " ".join(f"{s:>10s}" for s in EVAL_SPLITS))
+    lines += [f"{'step':28s} {'wall (s)':>9s} {'peak RSS (MiB)':>15s}"]
+    for step in steps:
+        wall = "reused" if step.reused else f"{step.seconds:.0f}"
+        lines.append(f"{step.name:28s} {wall:>9s} {step.peak_rss_mb:15.0f}")
+    lines += ["", f"{'run':28s} {'decoding':8s} " + " ".join(f"{s:>10s}" for s in EVAL_SPLITS)]
     for record in records:
         for decoding, results in sorted(record.results.items()):
             cells = " ".join(
                 f"{results[s]['wer']:10.1f}" if s in results and "wer" in results[s] else f"{'-':>10s}" for s in EVAL_SPLITS
             )
-            lines.append(f"{record.name:28s} {decoding[:6]:6s} {cells}")
+            lines.append(f"{record.name:28s} {decoding[:8]:8s} {cells}")
     runs_root = run_dir.resolve().parent
     lines += [
         "",
         "WER (%) per split; 'pretrained' rows start from the demo's pretrained encoder, 'scratch' rows from random weights.",
+        *effect_summary(records).lines(),
+        "",
         f"report:     {written['html'].resolve()}  (also {written['markdown'].name}, .tex, .csv beside it)",
         f"runs:       {run_dir.resolve()}",
         f"MLflow:     mlflow ui --backend-store-uri sqlite:///{runs_root / 'mlflow.db'}",

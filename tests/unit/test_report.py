@@ -200,7 +200,7 @@ def test_collect_from_run_dirs_and_write_self_contained_html(tmp_path):
     assert len(parser.images) >= 3 and all(src.startswith("data:image/png;base64,iVBOR") for src in parser.images)
     assert "55.5" in page
     written = write_report(records, tmp_path / "again")
-    assert {"plot:pretraining_curves", "plot:finetuning_dev_wer", "plot:wer_vs_labeled_data"} <= set(written)
+    assert {"plot:code_usage", "plot:finetuning_error", "plot:pretraining_loss"} <= set(written)
 
 
 def test_collect_from_mlflow_when_the_run_directories_are_gone(tmp_path):
