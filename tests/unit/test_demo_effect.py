@@ -1,0 +1,66 @@
+"""The demo's size choice, its effect summary (the verdict is computed, never written) and its memory probes."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from repro.report.collect import RunRecord
+from repro.report.effect import effect_summary
+from repro.tools.demo import choose_size, peak_rss_mb, reset_peak_rss
+
+
+def _demo_cfg(auto_size: bool):
+    return OmegaConf.create({
+        "corpus_dir": "data/synthetic", "corpus_hours": 1.0, "pretrain_updates": 800, "finetune_updates": 600,
+        "auto_size": auto_size,
+        "cuda": {"corpus_dir": "data/synthetic-cuda", "corpus_hours": 4.0, "pretrain_updates": 4000,
+                 "finetune_updates": 2000, "model_overrides": ["model.encoder_layers=6"]},
+    })
+
+
+def test_cuda_size_only_with_a_gpu_and_auto_size_on():
+    assert choose_size(_demo_cfg(True), cuda_available=False).label == "cpu"
+    assert choose_size(_demo_cfg(False), cuda_available=True).label == "cpu"
+    big = choose_size(_demo_cfg(True), cuda_available=True)
+    assert (big.label, big.corpus_dir, big.pretrain_updates, big.model_overrides) == (
+        "cuda", "data/synthetic-cuda", 4000, ["model.encoder_layers=6"])
+
+
+def _finetune(variant: str, labeled: str, dev_other: float, dev_clean: float, viterbi_offset: float = 10.0):
+    return RunRecord(
+        name=f"demo/{variant}_{labeled}", run_dir="", status="finished", stage="finetune,evaluate",
+        synthetic=True, labeled_data=labeled, pretrained=variant == "pretrained",
+        results={"kenlm_4gram": {"dev_other": {"wer": dev_other}, "dev_clean": {"wer": dev_clean}},
+                 "viterbi": {"dev_other": {"wer": dev_other + viterbi_offset},
+                             "dev_clean": {"wer": dev_clean + viterbi_offset}}},
+    )
+
+
+def test_effect_verdict_and_checks_follow_the_numbers():
+    pretrain = RunRecord(name="demo/pretrain", run_dir="", status="finished", stage="pretrain", synthetic=True,
+                         curves={"valid/accuracy": [(100, 0.1), (800, 0.45)], "valid/code_perplexity": [(800, 7.5)]})
+    records = [pretrain,
+               _finetune("pretrained", "10m", 60.0, 50.0), _finetune("scratch", "10m", 100.0, 95.0),
+               _finetune("pretrained", "1h", 40.0, 30.0), _finetune("scratch", "1h", 80.0, 70.0),
+               _finetune("pretrained", "10h", 30.0, 20.0), _finetune("scratch", "10h", 35.0, 25.0)]
+    effect = effect_summary(records)
+    assert effect.relative_gain("10m") == 0.4 and effect.relative_gain("1h") == 0.5
+    assert effect.pretrain_accuracy == 0.45
+    assert [c.met for c in effect.checks] == [True, True, True, True, True, True]
+    assert effect.verdict.startswith("Pretraining helps on every labeled split")
+    assert "6 of 6 demo goals met" in effect.verdict
+
+    worse = records[:1] + [_finetune("pretrained", "10m", 100.0, 90.0), _finetune("scratch", "10m", 90.0, 95.0)]
+    effect = effect_summary(worse)
+    assert effect.relative_gain("10m") < 0
+    assert "does not help" in effect.verdict
+    assert not next(c for c in effect.checks if c.text.startswith("10m")).met
+
+
+def test_peak_rss_is_measured_per_step():
+    reset_peak_rss()
+    before = peak_rss_mb()
+    block = bytearray(64 * 1024 * 1024)  # touch 64 MiB
+    block[::4096] = b"x" * len(block[::4096])
+    assert peak_rss_mb() >= before + 48
+    del block
