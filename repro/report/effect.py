@@ -39,6 +39,8 @@ class Effect:
 
     wer: dict[tuple[str, str, str], dict[str, float]] = field(default_factory=dict)
     """(labeled split, 'pretrained'|'scratch', decoding) -> eval split -> WER (%)."""
+    uer: dict[tuple[str, str, str], dict[str, float]] = field(default_factory=dict)
+    """The same for the letter (unit) error rate: it moves before the WER does at this scale."""
     pretrain_accuracy: float | None = None
     """Final validation contrastive accuracy of the pretraining run."""
     chance_accuracy: float | None = None
@@ -82,6 +84,12 @@ class Effect:
                 parts.append(f"Pretraining helps on {helped} of {len(gains)} labeled splits ({described})")
             else:
                 parts.append(f"Pretraining does not help here ({described})")
+        letters = [(s, self.uer.get((s, "pretrained", "viterbi"), {}).get("dev_other"),
+                    self.uer.get((s, "scratch", "viterbi"), {}).get("dev_other")) for s in self.labeled_splits]
+        letters = [(s, p, r) for s, p, r in letters if p is not None and r is not None]
+        if letters:
+            parts.append("dev-other letter error (Viterbi), pretrained vs scratch: "
+                         + ", ".join(f"{p:.1f} vs {r:.1f} on {s}" for s, p, r in letters))
         if self.checks:
             parts.append(f"{met} of {len(self.checks)} demo goals met")
         return "; ".join(parts) + "."
@@ -130,6 +138,7 @@ def effect_summary(records: list[RunRecord]) -> Effect:
             continue
         for decoding, results in record.results.items():
             effect.wer[(key[0], key[1], decoding)] = {s: v["wer"] for s, v in results.items() if "wer" in v}
+            effect.uer[(key[0], key[1], decoding)] = {s: v["uer"] for s, v in results.items() if "uer" in v}
     effect.checks = _checks(effect)
     return effect
 

@@ -130,14 +130,16 @@ def _effect_html(effect: Effect, context: dict | None) -> list[str]:
     if context:
         steps = context.get("steps") or []
         trained = [s for s in steps if not s.get("reused")]
-        minutes = sum(s["seconds"] for s in steps) / 60
-        peak = max((s["peak_rss_mb"] for s in steps), default=0)
+        timing = ""
+        if trained:
+            minutes = sum(s["seconds"] for s in trained) / 60
+            peak = max(s["peak_rss_mb"] for s in trained)
+            timing = f" {len(trained)} steps ran in {minutes:.1f} min, peak resident memory {peak:.0f} MiB."
         out.append(
             f"<p>What was run: the demo's <b>{e(str(context.get('size', '')))}</b> size — a "
             f"{e(str(context.get('corpus_hours', '')))} h synthetic corpus, pretraining, then CTC fine-tuning on the "
             f"{', '.join(effect.labeled_splits) or 'labeled'} analogues from the pretrained encoder and from scratch, "
-            f"each decoded with Viterbi and a 4-gram; {context.get('threads', '?')} torch thread(s); "
-            f"{len(trained)} steps trained in {minutes:.1f} min, peak resident memory {peak:.0f} MiB.</p>"
+            f"each decoded with Viterbi and a 4-gram; {context.get('threads', '?')} torch thread(s).{timing}</p>"
         )
     out.append(f"<p class='verdict'>{e(effect.verdict)}</p>")
     if effect.checks:
@@ -151,7 +153,7 @@ def _effect_html(effect: Effect, context: dict | None) -> list[str]:
     out.append("<h2>Word error rate (%), laid out as the paper's Table 1</h2>")
     out.append("<table><thead><tr><th>Labeled</th><th>Encoder</th><th>LM</th>")
     out += [f"<th>{e(SPLIT_TITLES[s])}</th>" for s in SPLITS]
-    out.append("<th>dev-other gain</th></tr></thead><tbody>")
+    out.append("<th>dev-other gain</th><th>dev-other letter error</th></tr></thead><tbody>")
     for labeled in effect.labeled_splits:
         for variant, label in (("pretrained", "pretrained"), ("scratch", "from scratch")):
             for decoding, lm in (("viterbi", "None"), ("kenlm_4gram", "4-gram")):
@@ -162,11 +164,14 @@ def _effect_html(effect: Effect, context: dict | None) -> list[str]:
                     f"<td class='num'>{'-' if values.get(s) is None else f'{values[s]:.1f}'}</td>" for s in SPLITS)
                 gain = effect.relative_gain(labeled, decoding=decoding) if variant == "pretrained" else None
                 gain_cell = "" if gain is None else f"{gain:+.0%}"
+                letters = effect.uer.get((labeled, variant, decoding), {}).get("dev_other")
+                letter_cell = "-" if letters is None else f"{letters:.1f}"
                 out.append(f"<tr><td>{e(labeled)}</td><td>{label}</td><td>{lm}</td>{cells}"
-                           f"<td class='num'>{gain_cell}</td></tr>")
+                           f"<td class='num'>{gain_cell}</td><td class='num'>{letter_cell}</td></tr>")
     out.append("</tbody></table>")
     out.append("<p>dev-other gain: relative WER reduction of the pretrained model over its from-scratch twin "
-               "with the same labels and decoding.</p>")
+               "with the same labels and decoding. Letter error: the unit error rate (%) on dev-other, which moves "
+               "before the word error rate does.</p>")
     return out
 
 
