@@ -83,14 +83,19 @@ def release_memory() -> None:
         libc.malloc_trim(0)
 
 
-def current_rss_mb() -> float:
+def _proc_status_mb(key: str) -> float | None:
+    """A memory line of /proc/self/status (`VmRSS`, `VmHWM`) in MiB; None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return None
+
+
+def current_rss_mb() -> float:
+    return _proc_status_mb("VmRSS") or 0.0
 
 
 def reset_peak_rss() -> None:
@@ -104,12 +109,9 @@ def reset_peak_rss() -> None:
 
 def peak_rss_mb() -> float:
     """Peak resident memory (MiB) since the last `reset_peak_rss` (VmHWM), else since the start."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
