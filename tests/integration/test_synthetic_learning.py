@@ -45,25 +45,26 @@ def test_pretraining_lowers_the_contrastive_loss_without_codebook_collapse(learn
     assert last["step"] == PRETRAIN_UPDATES
     assert last["loss"] < first["loss"] - 1.0, (first["loss"], last["loss"])  # bits per masked frame
     assert last["loss_0"] < first["loss_0"], (first["loss_0"], last["loss_0"])  # the InfoNCE term itself
-    codes = 2 * 32  # latent_groups x latent_vars of the demo model
+    codes = 2 * 4  # latent_groups x latent_vars of the demo model
     assert min(r["code_perplexity"] for r in train) > 0.3 * codes  # no collapse onto a few codes
 
 
 def test_finetuning_lowers_ctc_loss_and_dev_error_rates(learned):
-    run = learned / "finetune_10h_pretrained"
+    run = learned / "pretrained_10h"
     train, valid = metrics(run, "train"), metrics(run, "valid")
     assert train[-1]["step"] == FINETUNE_UPDATES
     # At this scale (0.8M parameters, 600 updates, 2 CPU cores) CTC only starts to leave the all-blank
     # phase: the claims are modest on purpose, but each would fail for a model that does not learn.
     assert train[-1]["loss"] < 0.9 * train[0]["loss"], (train[0]["loss"], train[-1]["loss"])
     assert valid[-1]["nll_loss"] < valid[0]["nll_loss"] - 0.15, (valid[0]["nll_loss"], valid[-1]["nll_loss"])
-    assert valid[0]["uer"] > 95.0  # the all-blank start
-    assert min(r["uer"] for r in valid) < 92.0, [r["uer"] for r in valid]
+    # the demo's pretrained encoder is past chance, so the first validation (update 100) is no longer the
+    # all-blank 100%; measured with 400 updates: dev-other letter error 89.3 at 100, 71.1 at 400
+    assert min(r["uer"] for r in valid) < min(92.0, valid[0]["uer"] - 5.0), [r["uer"] for r in valid]
     assert valid[-1]["wer"] <= valid[0]["wer"]
 
 
 def test_4gram_lexicon_beam_beats_viterbi_on_the_synthetic_eval_sets(learned):
-    results = json.loads((learned / "finetune_10h_pretrained" / "eval" / "results.json").read_text())["results"]
+    results = json.loads((learned / "pretrained_10h" / "eval" / "results.json").read_text())["results"]
     viterbi = sum(results[split]["viterbi"]["wer"] for split in results)
     beam = sum(results[split]["kenlm_4gram"]["wer"] for split in results)
     assert set(results) == {"dev_clean", "dev_other", "test_clean", "test_other"}
