@@ -129,7 +129,7 @@ def _effect_html(effect: Effect, context: dict | None) -> list[str]:
     out = []
     if context:
         steps = context.get("steps") or []
-        trained = [s for s in steps if not s.get("reused")]
+        trained = [s for s in steps if s.get("seconds")]  # resumed steps keep the time they took when they ran
         timing = ""
         if trained:
             minutes = sum(s["seconds"] for s in trained) / 60

@@ -160,11 +160,15 @@ def choose_size(demo: DictConfig, cuda_available: bool) -> DemoSize:
                     int(demo.finetune_updates), [])
 
 
-def run_step(name: str, run_dir: Path, cfg: DictConfig, stages: list[tuple[str, Callable]]) -> StepRecord:
-    """Run one demo step as a tracked run in `run_dir`, unless it already finished."""
+def run_step(name: str, run_dir: Path, cfg: DictConfig, stages: list[tuple[str, Callable]],
+             earlier: dict[str, StepRecord] | None = None) -> StepRecord:
+    """Run one demo step as a tracked run in `run_dir`, unless it already finished (then the wall time and
+    memory recorded when it ran, from `earlier`, are kept)."""
     if read_status(run_dir).get("status") == "finished":
         say(f"{name}: already finished ({run_dir})")
-        return StepRecord(name, 0.0, peak_rss_mb(), reused=True)
+        before = (earlier or {}).get(name)
+        return StepRecord(name, before.seconds if before else 0.0, before.peak_rss_mb if before else peak_rss_mb(),
+                          reused=True)
     reset_peak_rss()
     started = time.time()
     say(f"{name}: running in {run_dir}")
@@ -201,6 +205,7 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
         f"{size.finetune_updates} fine-tuning updates, {torch.get_num_threads()} torch thread(s)"
         + (f", {' '.join(size.model_overrides)}" if size.model_overrides else "") + ")")
     steps: list[StepRecord] = []
+    earlier = _earlier_steps(run_dir / STEPS_FILE)
     reset_peak_rss()
     corpus_dir = Path(size.corpus_dir).resolve()
     manifests = prepare_data(corpus_dir, size.corpus_hours, int(demo.corpus_seed))
@@ -219,7 +224,7 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
         "demo_pretrain",
         [f"task.data={manifests / 'pretrain'}", f"optimization.max_update={size.pretrain_updates}", *common],
     )
-    steps.append(run_step("demo/pretrain", pretrain_dir, pretrain_cfg, [("pretrain", run_pretrain)]))
+    steps.append(run_step("demo/pretrain", pretrain_dir, pretrain_cfg, [("pretrain", run_pretrain)], earlier))
     pretrained = pretrain_dir / "checkpoints" / "checkpoint_last.pt"
 
     lm_dir = corpus_dir / "lm"
@@ -245,6 +250,7 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
                 run_dir / f"{variant}_{split}",  # the MLflow run name is this directory: demo/pretrained_10m
                 finetune_cfg,
                 [("finetune", run_finetune), ("evaluate", run_evaluate)],
+                earlier,
             ))
 
     reset_peak_rss()
@@ -263,12 +269,20 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
     return {"report": str(written["html"]), "runs": [r.name for r in records], "size": size.label}
 
 
+def _earlier_steps(path: Path) -> dict[str, StepRecord]:
+    """The steps recorded by an earlier run of this demo (to report a resumed demo's original timings)."""
+    try:
+        return {row["name"]: StepRecord(**row) for row in json.loads(path.read_text())}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+
+
 def _summary(records, written: dict[str, Path], run_dir: Path, seconds: float, steps: list[StepRecord]) -> str:
     lines = ["", "=" * 72, f"repro demo finished in {seconds / 60:.1f} min", ""]
-    lines += [f"{'step':28s} {'wall (s)':>9s} {'peak RSS (MiB)':>15s}"]
+    lines += [f"{'step':28s} {'wall (s)':>14s} {'peak RSS (MiB)':>15s}"]
     for step in steps:
-        wall = "reused" if step.reused else f"{step.seconds:.0f}"
-        lines.append(f"{step.name:28s} {wall:>9s} {step.peak_rss_mb:15.0f}")
+        wall = f"{step.seconds:.0f}" + (" (earlier)" if step.reused else "")
+        lines.append(f"{step.name:28s} {wall:>14s} {step.peak_rss_mb:15.0f}")
     lines += ["", f"{'run':28s} {'decoding':8s} " + " ".join(f"{s:>10s}" for s in EVAL_SPLITS)]
     for record in records:
         for decoding, results in sorted(record.results.items()):
