@@ -54,6 +54,8 @@ ARRAY_POLL_S = 5.0
 # each Transformer layer per frame at 50 frames/s; attention over the frames is left out.
 FEATURE_ENCODER_GFLOP_PER_S = 5.0
 FRAMES_PER_SECOND = 50
+# Hours of the unlabeled sets, for the estimate when the manifest is not on this machine (Xu et al. §3.1).
+UNLABELED_HOURS = {"LV-60k": 53_200.0, "LS-960": 960.0}
 ASSUMED_SUSTAINED_TFLOPS = 8.0
 """Assumed float32 inference throughput of one GPU (about half a V100's fp32 peak); an estimate, not a measurement."""
 
@@ -235,7 +237,10 @@ def describe_pseudo_label(cfg: DictConfig) -> list[str]:
         hours = sum(sizes) / cfg.task.sample_rate / 3600
         data = f"{len(sizes):,} utterances, {hours:,.1f} h"
     else:
-        sizes, hours, data = [], None, "manifest not found here (checked again when the stage runs)"
+        sizes, hours = [], UNLABELED_HOURS.get(str(cfg.paper.pretrain_data))
+        data = "manifest not found here (checked again when the stage runs)"
+        if hours is not None:
+            data += f"; {cfg.paper.pretrain_data} is {hours:,.0f} h"
     lines.append(f"  unlabeled: {path} ({data})")
     lines.append(f"  labelling model: {st.labeling_checkpoint or '(self_training.labeling_checkpoint not set)'}")
     try:
@@ -245,6 +250,7 @@ def describe_pseudo_label(cfg: DictConfig) -> list[str]:
     except PseudoLabelError as error:
         lines.append(f"  decoder: {error}")
     shards = plan_shards(sizes, int(st.num_shards), int(cfg.dataset.max_tokens or 4_000_000)) if sizes else []
+    num_shards = len(shards) or int(st.num_shards)
     where = (f"SLURM job array of {len(shards) or st.num_shards} task(s), {st.shard_gpus} GPU(s) each, at most "
              f"{st.array_parallelism} at once" if cfg.cluster.name == "slurm"
              else f"this machine, {st.workers} process(es)")
@@ -254,7 +260,7 @@ def describe_pseudo_label(cfg: DictConfig) -> list[str]:
                  f"{cfg.dataset.train_subset + ' + ' if st.include_labeled else ''}pseudo-labels")
     if hours is not None:
         gpu_hours = hours * 3600 * emission_gflop_per_second(cfg.model) / (ASSUMED_SUSTAINED_TFLOPS * 1e3) / 3600
-        lines.append(f"  emissions: ~{gpu_hours:,.1f} GPU-hours (~{gpu_hours / max(len(shards), 1):,.2f} per shard) at "
+        lines.append(f"  emissions: ~{gpu_hours:,.1f} GPU-hours (~{gpu_hours / num_shards:,.2f} per shard) at "
                      f"an assumed {ASSUMED_SUSTAINED_TFLOPS:g} TFLOP/s; the beam search adds CPU time on each task "
                      "(benchmarks/bench_pseudo_label.py measures it)")
     filters = [f"{key}={st[key]}" for key in ("min_score_per_frame", "length_ratio") if st[key] is not None]

@@ -243,6 +243,11 @@ def test_dry_run_describes_the_labelling_plan(corpus, tmp_path):
     assert f"{rows:,} utterances" in lines and "shards: 4 (this machine" in lines
     assert "GPU-hours" in lines and "kenlm_4gram (kenlm, beam 20" in lines
     assert "filters: none" in lines
+    # a manifest that lives on the cluster only: the paper's size of the set gives the estimate
+    remote = OmegaConf.merge(cfg, {"self_training": {"unlabeled_data": "/cluster/lv60k/train.tsv"},
+                                   "paper": {"pretrain_data": "LV-60k"}, "cluster": {"name": "slurm"}})
+    lines = "\n".join(describe_pseudo_label(remote))
+    assert "LV-60k is 53,200 h" in lines and "SLURM job array of 4 task(s)" in lines and "GPU-hours" in lines
 
 
 # --- bad input: a clear error before any work -----------------------------------------------------
