@@ -6,6 +6,11 @@ dataset will read (no decoding) and compares it with what the dataset expects: t
 rate (fairseq does not resample) and the manifest's frame count. Multi-channel files are accepted
 (averaged to mono when read, as fairseq does) and counted. Headers are cached per file under the
 user's cache directory, keyed by (size, mtime), so a second run over the same data only stats files.
+
+Headers of plain WAV and FLAC files are parsed from their first bytes (one `os.pread`), ~10x cheaper
+than opening them with libsndfile; anything unusual (other formats, compressed WAV encodings, a FLAC
+of unknown length, chunks that do not add up to the file size) goes to soundfile, so every result
+equals soundfile's (tests compare both on files of several rates, channel counts, lengths and cuts).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -32,8 +38,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MIN_FILES_FOR_POOL = 1000
-"""Below this many files (~0.1 s of header reading) starting a process pool costs more than it saves."""
+MIN_FILES_FOR_POOL = 50_000
+"""Below this many files (~1 s of header parsing) starting a process pool costs more than it saves
+(measured: at 20,000 cached FLACs on a loaded 2-core machine, 2 processes took longer than 1)."""
+MIN_FILES_FOR_PROGRESS = 1000
+"""From this many files to read, a progress bar is shown."""
 MAX_LISTED_PROBLEMS = 20
 """Unusable files named one per line in the error; the rest are counted."""
 CACHE_VERSION = 1
@@ -59,13 +68,129 @@ class AudioCheckError(AudioError):
 
 def read_header(path: str | Path) -> HeaderResult:
     """The header of `path`, or a one-line reason it is unusable (unreadable, 0 frames)."""
-    try:
-        with soundfile.SoundFile(str(path)) as sound_file:
-            header = AudioHeader(int(sound_file.frames), int(sound_file.samplerate), int(sound_file.channels))
-    except Exception as error:  # any failure of libsndfile means "unreadable"
-        message = " ".join(str(error).split()) or type(error).__name__
-        return f"unreadable: {message}"
+    header = parse_header(path)
+    if header is None:
+        try:
+            with soundfile.SoundFile(str(path)) as sound_file:
+                header = AudioHeader(int(sound_file.frames), int(sound_file.samplerate), int(sound_file.channels))
+        except Exception as error:  # any failure of libsndfile means "unreadable"
+            message = " ".join(str(error).split()) or type(error).__name__
+            return f"unreadable: {message}"
     return header if header.frames > 0 else "holds 0 frames"
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing WAV and FLAC headers without libsndfile. Each parser returns None for anything it does not
+# fully vouch for; soundfile then decides (and names the error).
+
+HEAD_BYTES = 4096
+"""Bytes read at the start of a file: the whole header of nearly every WAV and FLAC."""
+MAX_CHANNELS = 1024
+"""libsndfile's SF_MAX_CHANNELS: more is an error there."""
+WAVE_FORMAT_PCM, WAVE_FORMAT_IEEE_FLOAT, WAVE_FORMAT_EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
+WAVE_SAMPLE_BITS = {WAVE_FORMAT_PCM: (8, 16, 24, 32), WAVE_FORMAT_IEEE_FLOAT: (32, 64)}
+KSDATAFORMAT_GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")
+"""Bytes 2..15 of the KSDATAFORMAT_SUBTYPE_{PCM,IEEE_FLOAT} GUIDs (the first two hold the format tag)."""
+FLAC_SAMPLE_BITS = (8, 16, 24)
+"""FLAC sample widths libsndfile reads."""
+FLAC_STREAMINFO, FLAC_INVALID_BLOCK = 0, 127
+
+
+def parse_header(path: str | Path) -> AudioHeader | None:
+    """Frames, rate and channels from the bytes of a plain WAV or FLAC file; None: ask soundfile."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # soundfile gives the error
+    try:
+        size = os.fstat(descriptor).st_size
+        head = os.pread(descriptor, HEAD_BYTES, 0)
+        if head[:4] == b"fLaC":
+            return _flac_header(descriptor, head, size)
+        if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+            return _wav_header(descriptor, head, size)
+        return None
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
+
+
+def _bytes_at(descriptor: int, head: bytes, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset` (fewer at the end of the file), from `head` when it holds them."""
+    if offset + length <= len(head):
+        return head[offset : offset + length]
+    return os.pread(descriptor, length, offset)
+
+
+def _wav_format(body: bytes) -> tuple[int, int, int] | None:
+    """(channels, sample rate, bytes per frame) of a `fmt ` chunk of PCM or float samples."""
+    if len(body) < 16:
+        return None
+    tag, channels, rate, _, block_align, bits = struct.unpack_from("<HHIIHH", body)
+    if tag == WAVE_FORMAT_EXTENSIBLE:
+        # cbSize >= 22, then valid bits, channel mask and the subformat GUID whose first 2 bytes are the tag
+        if len(body) < 40 or struct.unpack_from("<H", body, 16)[0] < 22 or body[26:40] != KSDATAFORMAT_GUID_TAIL:
+            return None
+        tag = struct.unpack_from("<H", body, 24)[0]
+    if bits not in WAVE_SAMPLE_BITS.get(tag, ()) or not 0 < channels <= MAX_CHANNELS or rate <= 0:
+        return None
+    if block_align != channels * bits // 8:
+        return None
+    return channels, rate, block_align
+
+
+def _wav_header(descriptor: int, head: bytes, size: int) -> AudioHeader | None:
+    """RIFF chunks up to `data`; only a whole number of frames filling the file up to its end is vouched for."""
+    offset, wav_format = 12, None
+    while offset + 8 <= size:
+        chunk = _bytes_at(descriptor, head, offset, 8)
+        chunk_id, chunk_size = chunk[:4], struct.unpack_from("<I", chunk, 4)[0]
+        body = offset + 8
+        if chunk_id == b"fmt ":
+            if wav_format is not None:
+                return None
+            wav_format = _wav_format(_bytes_at(descriptor, head, body, min(chunk_size, 40)))
+            if wav_format is None:
+                return None
+        elif chunk_id == b"data":
+            if wav_format is None:
+                return None
+            channels, rate, frame_bytes = wav_format
+            # libsndfile clamps a data size beyond the file, and repairs unfinished files: leave those to it
+            end = body + chunk_size + (chunk_size & 1)  # with the pad byte of an odd size
+            if chunk_size == 0 or chunk_size % frame_bytes or end != size:
+                return None
+            return AudioHeader(chunk_size // frame_bytes, rate, channels)
+        offset = body + chunk_size + (chunk_size & 1)  # chunks are padded to an even size
+    return None
+
+
+def _flac_header(descriptor: int, head: bytes, size: int) -> AudioHeader | None:
+    """STREAMINFO (the first metadata block), once every metadata block lies inside the file and a frame follows."""
+    if len(head) < 42 or head[4] & 0x7F != FLAC_STREAMINFO or int.from_bytes(head[5:8], "big") != 34:
+        return None
+    # STREAMINFO body: min/max block size (16 bits each), min/max frame size (24 each), then 64 bits:
+    # sample rate (20), channels - 1 (3), bits per sample - 1 (5), total samples (36), then the MD5.
+    min_block, max_block = struct.unpack_from(">HH", head, 8)
+    packed = int.from_bytes(head[18:26], "big")
+    rate, channels = packed >> 44, ((packed >> 41) & 0x7) + 1
+    bits, total_samples = ((packed >> 36) & 0x1F) + 1, packed & ((1 << 36) - 1)
+    if rate == 0 or total_samples == 0 or bits not in FLAC_SAMPLE_BITS or not 16 <= min_block <= max_block:
+        return None  # total_samples 0: length unknown, libsndfile decides
+    offset, last = 42, bool(head[4] & 0x80)
+    while not last:  # libFLAC reads every metadata block before the audio
+        block = _bytes_at(descriptor, head, offset, 4)
+        if len(block) < 4 or block[0] & 0x7F in (FLAC_STREAMINFO, FLAC_INVALID_BLOCK):
+            return None
+        last = bool(block[0] & 0x80)
+        offset += 4 + int.from_bytes(block[1:4], "big")
+        if offset > size:
+            return None
+    sync = _bytes_at(descriptor, head, offset, 2)  # a frame header starts with the 14-bit code 0x3FFE
+    if len(sync) < 2 or sync[0] != 0xFF or sync[1] & 0xFE != 0xF8:
+        return None
+    return AudioHeader(total_samples, rate, channels)
 
 
 def _read_chunk(paths: Sequence[str]) -> list[HeaderResult]:
@@ -173,7 +298,8 @@ def check_split_audio(
     """Check the header of every file `dataset` reads; `AudioCheckError` naming each bad manifest line.
 
     Returns how many files were checked. Headers come from the cache when a file's size and mtime
-    are unchanged; the rest are read in parallel (a progress bar from `MIN_FILES_FOR_POOL` files).
+    are unchanged; the rest are read (in parallel from `MIN_FILES_FOR_POOL` files, a progress bar from
+    `MIN_FILES_FOR_PROGRESS`).
     """
     started = time.monotonic()
     manifest = dataset.manifest_path
@@ -195,7 +321,7 @@ def check_split_audio(
         else:
             to_read.append(index)
     fresh = read_headers([str(dataset.audio_path(index)) for index in to_read], workers=workers,
-                         progress=progress and len(to_read) >= MIN_FILES_FOR_POOL,
+                         progress=progress and len(to_read) >= MIN_FILES_FOR_PROGRESS,
                          description=f"audio headers of {manifest.name}")
     for index, result in zip(to_read, fresh, strict=True):
         results[index] = result
