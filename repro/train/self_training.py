@@ -375,7 +375,7 @@ def run_shards_in_process(setup: LabelingSetup, shards: Sequence[Shard], progres
 # Merge, filters, scoring
 
 
-@dataclass
+@dataclass(slots=True)  # the merge holds one per unlabeled utterance (millions for LV-60k)
 class LabeledRow:
     """One pseudo-labelled utterance as the shards wrote it."""
 
