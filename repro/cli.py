@@ -26,15 +26,15 @@ log = logging.getLogger("repro")
 
 # stage -> (module, function, what the stage would do: said when its module has not landed)
 STAGE_IMPLEMENTATIONS: dict[str, tuple[str, str, str]] = {
-    "pretrain": ("repro.train.stages", "run_pretrain", "wav2vec 2.0 pretraining"),
+    "pretrain": ("repro.train.stages", "run_pretrain", "pretraining (wav2vec 2.0, wav2vec, vq-wav2vec)"),
     "finetune": ("repro.train.stages", "run_finetune", "CTC fine-tuning"),
     "evaluate": ("repro.decode.evaluate", "run_evaluate", "decoding and WER scoring of a checkpoint"),
     "pseudo_label": ("repro.launch.pseudo_label", "run_pseudo_label",
                      "pseudo-labelling unlabeled audio for self-training (Xu et al. 2020)"),
     "st_compare": ("repro.train.self_training", "run_compare",
                    "the self-trained model's WER beside its labelling model's"),
-    "featurize": ("repro.models.featurize", "run_featurize", "wav2vec / vq-wav2vec feature extraction"),
-    "tokenize": ("repro.models.featurize", "run_tokenize", "vq-wav2vec tokenization of audio into discrete units"),
+    "featurize": ("repro.tools.featurize", "run_featurize", "wav2vec / vq-wav2vec feature extraction"),
+    "tokenize": ("repro.tools.tokenize", "run_tokenize", "vq-wav2vec tokenization of audio into discrete units"),
     "demo": ("repro.tools.demo", "run_demo", "the miniature end-to-end reproduction"),
 }
 
@@ -153,12 +153,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     from repro.decode.evaluate import EvaluationError
     from repro.decode.lexicon import LexiconError
     from repro.models.transformer_lm import TransformerLMError
+    from repro.tools.audio_units import UnitsError
     from repro.train.resume import ResumeConfigError
     from repro.train.trainer import TrainingDiverged
 
     return (ConfigError, RunDirectoryLocked, ResumeConfigError, FileNotFoundError, CheckpointError, AudioError,
             LabelError, DictionaryError, TranscriptError, ManifestError, CorpusError, EvaluationError, LexiconError,
-            TransformerLMError, TrainingDiverged)
+            TransformerLMError, TrainingDiverged, UnitsError)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

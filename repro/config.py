@@ -813,6 +813,9 @@ def register_configs() -> None:
     """Register the schema so `conf/config.yaml` and every group file are validated against it."""
     cs = ConfigStore.instance()
     cs.store(name="repro_schema", node=ReproConfig)
+    # conf/model/<wav2vec row>.yaml lists `wav2vec_schema` in its defaults, so its `model` node is a
+    # Wav2VecConfig (the wav2vec / vq-wav2vec fields and their 2019 defaults), not a ModelConfig.
+    cs.store(group="model", name="wav2vec_schema", node=Wav2VecConfig)
 
 
 STAGES = ("pretrain", "finetune", "evaluate", "pseudo_label", "st_compare", "featurize", "tokenize", "demo")

@@ -189,12 +189,8 @@ class KmeansVectorQuantizer(nn.Module):
         result: dict[str, torch.Tensor | float | int] = {"num_vars": self.num_vars}
         if self.time_first:
             x = x.transpose(1, 2)
-        batch, _, frames = x.shape
         ze = self.projection(x)  # (B, dim, T)
-        codes = self.nearest_codes(ze.view(batch, self.groups, self.var_dim, frames))  # (B, T, G)
-        codebook = self.codebook()  # (G, V, d)
-        zq = torch.stack([codebook[group][codes[..., group]] for group in range(self.groups)], dim=-2)
-        zq = zq.reshape(batch, frames, self.vq_dim).transpose(1, 2).to(ze.dtype)  # (B, dim, T)
+        codes, zq = self.nearest(ze)
         out = zq.detach() + (ze - ze.detach())  # straight-through: gradient of ze, value of zq
         with torch.no_grad():
             result["code_perplexity"] = one_hot_perplexity(codes.reshape(-1, self.groups), self.num_vars)
@@ -211,3 +207,16 @@ class KmeansVectorQuantizer(nn.Module):
         """(quantized x, group-local code indices (B, T, G)) — used for vq-wav2vec tokenization."""
         res = self.forward(x, produce_targets=True)
         return res["x"], res["targets"]  # type: ignore[return-value]
+
+    def nearest(self, ze: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ze (B, dim, T) projected features -> (codes (B, T, G), zq (B, dim, T) their code vectors)."""
+        batch, _, frames = ze.shape
+        codes = self.nearest_codes(ze.view(batch, self.groups, self.var_dim, frames))  # (B, T, G)
+        codebook = self.codebook()  # (G, V, d)
+        zq = torch.stack([codebook[group][codes[..., group]] for group in range(self.groups)], dim=-2)
+        return codes, zq.reshape(batch, frames, self.vq_dim).transpose(1, 2).to(ze.dtype)
+
+    def quantize_projected(self, ze: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(zq (B, dim, T), codes (B, T, G)) of already projected features (batched tokenization)."""
+        codes, zq = self.nearest(ze)
+        return zq, codes

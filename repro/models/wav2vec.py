@@ -72,11 +72,21 @@ class Wav2VecFeatureExtractor(nn.Module):
         self.skip_connections = skip_connections
         self.residual_scale = math.sqrt(residual_scale)
 
-    def forward(self, source: torch.Tensor) -> torch.Tensor:
+    def forward(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """source (B, L); with `lengths` (B,) samples of right-padded utterances, the normalization of
+        each utterance ignores its padding, so every row equals the utterance run alone (up to its
+        conv_output_lengths frames; later frames are padding)."""
         x = source.unsqueeze(1)  # (B, 1, L)
         for block in self.conv_layers:
             residual = x
-            x = block(x)
+            if lengths is None:
+                x = block(x)
+            else:
+                conv, dropout, norm, activation = block
+                kernel, stride = conv.kernel_size[0], conv.stride[0]
+                lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+                x = conv(x)
+                x = activation(masked_group_norm(dropout(x), norm, frame_mask(lengths, x.size(2))))
             if self.skip_connections and x.size(1) == residual.size(1):
                 # the residual is subsampled to the block's frame rate, as fairseq does
                 frames, residual_frames = x.size(2), residual.size(2)
@@ -120,15 +130,46 @@ class ConvAggregator(nn.Module):
         self.residual_scale = math.sqrt(residual_scale)
         self.out_channels = in_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, T); `valid` (B, T) marks real frames of right-padded rows (normalized on their own)."""
         for projection, block in zip(self.residual_proj, self.conv_layers):
             residual = x
-            x = block(x)
+            if valid is None:
+                x = block(x)
+            else:
+                pad, conv, dropout, norm, activation = block
+                x = activation(masked_group_norm(dropout(conv(pad(x))), norm, valid))
             if self.skip_connections:
                 if projection is not None:
                     residual = projection(residual)
                 x = (x + residual) * self.residual_scale
         return x
+
+
+def masked_group_norm(x: torch.Tensor, norm: nn.GroupNorm, valid: torch.Tensor | None) -> torch.Tensor:
+    """`norm(x)` with the statistics of each utterance taken over its valid frames only (fp32).
+
+    x (B, C, T), valid (B, T) True on real frames. For an utterance padded on the right this equals
+    running `norm` on the utterance alone: what lets a padded batch reproduce per-file features.
+    """
+    if valid is None:
+        return norm(x)
+    batch, channels, frames = x.shape
+    groups = norm.num_groups
+    grouped = x.float().view(batch, groups, channels // groups, frames)
+    mask = valid.view(batch, 1, 1, frames).to(grouped.dtype)
+    count = mask.sum(dim=(2, 3), keepdim=True) * (channels // groups)
+    mean = (grouped * mask).sum(dim=(2, 3), keepdim=True) / count
+    var = (((grouped - mean) * mask) ** 2).sum(dim=(2, 3), keepdim=True) / count
+    out = ((grouped - mean) / torch.sqrt(var + norm.eps)).view(batch, channels, frames)
+    if norm.weight is not None:
+        out = out * norm.weight.float().view(1, -1, 1) + norm.bias.float().view(1, -1, 1)
+    return out.type_as(x)
+
+
+def frame_mask(lengths: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, frames) True where the frame index is below the utterance's length."""
+    return torch.arange(frames, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def sample_negatives(batch: int, frames: int, num_negatives: int, generator: torch.Generator,
@@ -272,6 +313,41 @@ class Wav2VecModel(nn.Module):
         return conv_output_lengths(input_lengths, self.conv_layers_spec)
 
     # ------------------------------------------------------------------ forwards
+    @torch.no_grad()
+    def extract(self, source: torch.Tensor, lengths: torch.Tensor | None = None, aggregate: bool = True,
+                codes: bool = False) -> dict[str, torch.Tensor]:
+        """Inference on a right-padded batch, row by row equal to running each utterance alone.
+
+        source (B, L), lengths (B,) samples. Returns `frames` (B,) valid frames per row, `z` (B, C, T)
+        features (quantized for vq models), `c` (B, C', T) context (if aggregate) and `codes` (B, T, G)
+        (if codes; vq models only). Frames at or beyond `frames` are padding.
+        """
+        if lengths is None:
+            lengths = torch.full((source.size(0),), source.size(1), dtype=torch.long, device=source.device)
+        z = self.feature_extractor(source, lengths)
+        frames = self.feature_lengths(lengths)
+        valid = frame_mask(frames, z.size(2))
+        result = {"frames": frames}
+        if self.vector_quantizer is not None:
+            quantized, idxs = self.quantized_with_codes(z, valid)
+            if codes:
+                result["codes"] = idxs
+            z = quantized
+        elif codes:
+            raise ValueError("codes need a vq-wav2vec model (model.vq_type gumbel or kmeans)")
+        result["z"] = z
+        if aggregate:
+            result["c"] = self.feature_aggregator(z, valid)
+        return result
+
+    def quantized_with_codes(self, z: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward_idx of the quantizer on padded rows (the k-means projection's GroupNorm is masked)."""
+        quantizer = self.vector_quantizer
+        if isinstance(quantizer, KmeansVectorQuantizer):
+            conv, norm = quantizer.projection
+            return quantizer.quantize_projected(masked_group_norm(conv(z), norm, valid))
+        return quantizer.forward_idx(z)
+
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """(z or its quantized version (B, C, T), the quantizer's logged outputs)."""
         if self.vector_quantizer is None:

@@ -27,6 +27,7 @@ from typing import Any
 
 TASKS: dict[tuple[str, str | None], str] = {
     ("audio_pretraining", "wav2vec2"): "repro.tasks.wav2vec2_pretraining",
+    ("audio_pretraining", "wav2vec"): "repro.tasks.wav2vec_pretraining",
     ("audio_finetuning", None): "repro.tasks.ctc_finetuning",
     ("masked_lm", "roberta"): "repro.tasks.masked_lm",
     ("audio_finetuning", "roberta_ctc"): "repro.tasks.roberta_ctc",

@@ -78,17 +78,19 @@ class TaskSetup:
 # --- config helpers -----------------------------------------------------------------------------
 
 
-def model_config(node: Any) -> ModelConfig:
-    """A ModelConfig dataclass from a config node (DictConfig, dict or ModelConfig)."""
-    if isinstance(node, ModelConfig):
+def model_config(node: Any, schema: type = ModelConfig) -> Any:
+    """A `schema` dataclass (ModelConfig or a subclass) from a config node (DictConfig, dict or dataclass)."""
+    if isinstance(node, schema):
         return node
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    elif dataclasses.is_dataclass(node):
+        node = dataclasses.asdict(node)
+    known = {f.name for f in dataclasses.fields(schema)}
     unknown = sorted(set(node) - known)
     if unknown:
-        raise ValueError(f"model config has unknown keys {unknown}")
-    return ModelConfig(**node)
+        raise ValueError(f"model config has keys unknown to {schema.__name__}: {unknown}")
+    return schema(**node)
 
 
 def plain(node: Any) -> dict[str, Any]:
@@ -98,6 +100,22 @@ def plain(node: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(node):
         return dataclasses.asdict(node)
     return dict(node)
+
+
+def reduce_contrastive(totals: dict[str, float]) -> dict[str, float]:
+    """fairseq's wav2vec criterion reduce_metrics (wav2vec 2.0, wav2vec, vq-wav2vec): losses in bits per
+    sample_size unit (masked frame / positive), accuracy (§2)."""
+    sample_size = totals.get("sample_size", 0.0) or 1.0
+    metrics = {"loss": totals.get("loss", 0.0) / sample_size / LN2}
+    for key in ("loss_0", "loss_1", "loss_2"):
+        if key in totals:
+            metrics[key] = totals[key] / sample_size / LN2
+    if totals.get("count"):
+        metrics["accuracy"] = totals["correct"] / totals["count"]
+    for key in ("ntokens", "nsentences", "sample_size"):
+        if key in totals:
+            metrics[key] = totals[key]
+    return metrics
 
 
 # --- audio data ---------------------------------------------------------------------------------

@@ -16,25 +16,10 @@ from omegaconf import DictConfig
 from repro.config import ModelConfig
 from repro.losses.contrastive import contrastive_loss
 from repro.models.wav2vec2 import Wav2Vec2Model
-from repro.tasks.common import LN2, TaskHooks, TaskSetup, audio_splits, model_config, plain
+from repro.tasks.common import TaskHooks, TaskSetup, audio_splits, model_config, plain, reduce_contrastive
 
 KIND = "wav2vec2"
 STAGE = "pretrain"
-
-
-def reduce_contrastive(totals: dict[str, float]) -> dict[str, float]:
-    """fairseq's wav2vec criterion reduce_metrics: losses in bits per masked frame, accuracy (§2)."""
-    sample_size = totals.get("sample_size", 0.0) or 1.0
-    metrics = {"loss": totals.get("loss", 0.0) / sample_size / LN2}
-    for key in ("loss_0", "loss_1", "loss_2"):
-        if key in totals:
-            metrics[key] = totals[key] / sample_size / LN2
-    if totals.get("count"):
-        metrics["accuracy"] = totals["correct"] / totals["count"]
-    for key in ("ntokens", "nsentences", "sample_size"):
-        if key in totals:
-            metrics[key] = totals[key]
-    return metrics
 
 
 def pretraining_hooks(cfg: DictConfig, model_cfg: ModelConfig) -> TaskHooks:
