@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
@@ -12,7 +13,8 @@ from repro.models.wav2vec import Wav2VecModel, auto_offset
 from repro.models.wav2vec2 import parse_conv_layers
 from repro.tasks import task_module
 from repro.tasks.common import model_config
-from test_experiments import CONF
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def composed(name: str, *overrides: str):
