@@ -11,6 +11,7 @@ import glob
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -41,6 +42,28 @@ def load_wav2vec(path: Path | str, need_quantizer: bool, tool: str) -> LoadedMod
         raise UnitsError(f"{tool}: {path} is a wav2vec model without a quantizer (model.vq_type='none'); tokens "
                          "need a vq-wav2vec checkpoint (vq_type gumbel or kmeans)")
     return loaded
+
+
+def stage_inputs(cfg: Any, run_dir: Path, stage: str) -> tuple[Path, list[str], str | None]:
+    """(model, splits, device) of the featurize / tokenize stages: the model is `common_eval.path`
+    (`checkpoint=PATH`) or the run's own `checkpoints/checkpoint_best.pt`; the splits are the train
+    subset and the valid subsets of `task.data`; the CPU when common.cpu."""
+    model_path = Path(cfg.common_eval.path or Path(run_dir) / cfg.checkpoint.save_dir / "checkpoint_best.pt")
+    if not model_path.is_file():
+        raise UnitsError(f"stage {stage}: no model at {model_path}; give checkpoint=PATH or pretrain first")
+    valid = [] if cfg.dataset.disable_validation else str(cfg.dataset.valid_subset or "").split(",")
+    splits = [cfg.dataset.train_subset] + [split.strip() for split in valid if split.strip()]
+    return model_path, splits, "cpu" if cfg.common.cpu else None
+
+
+def model_on_device(model_path: Path | str, need_quantizer: bool, tool: str, device: str | None,
+                    batch_samples: int | None) -> tuple[Wav2VecModel, torch.device, int]:
+    """(eval model on the device, the device, padded samples per batch: 2.4M on a GPU, 480k on CPU)."""
+    torch_device = choose_device(device)
+    model = load_wav2vec(model_path, need_quantizer, tool).model.to(torch_device).eval()
+    if batch_samples is None:
+        batch_samples = 2_400_000 if torch_device.type == "cuda" else 480_000
+    return model, torch_device, batch_samples
 
 
 def choose_device(requested: str | None) -> torch.device:

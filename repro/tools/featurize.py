@@ -33,12 +33,12 @@ from repro.checkpoints.format import CheckpointError
 from repro.tools.audio_units import (
     AudioFile,
     UnitsError,
-    choose_device,
     file_lengths,
     iterate_batches,
-    load_wav2vec,
+    model_on_device,
     run_model,
     split_files,
+    stage_inputs,
 )
 
 FRAMES_PER_SECOND = 16_000 // 160
@@ -107,11 +107,7 @@ def featurize_split(model_path: Path, input_root: Path, output_root: Path, split
                     batch_samples: int | None = None, num_workers: int = 2, progress: bool = True) -> dict[str, int]:
     """Features of one split; returns counts (files written / skipped as already done, frames)."""
     require_h5py()
-    loaded = load_wav2vec(model_path, need_quantizer=False, tool="featurize")
-    torch_device = choose_device(device)
-    model = loaded.model.to(torch_device).eval()
-    if batch_samples is None:
-        batch_samples = 2_400_000 if torch_device.type == "cuda" else 480_000
+    model, torch_device, batch_samples = model_on_device(model_path, False, "featurize", device, batch_samples)
     files = split_files(input_root, split, extension)
     output_dir = output_root / split
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -151,13 +147,8 @@ def main(args: argparse.Namespace) -> int:
 def run_featurize(cfg: Any, run_dir: Path, tracker: Any = None) -> dict[str, Any]:
     """Stage `featurize`: context features of the train and valid manifests of `task.data`, written to
     `<run_dir>/features/<split>/`. The model is `common_eval.path` or this run's checkpoint_best.pt."""
-    model_path = Path(cfg.common_eval.path or Path(run_dir) / cfg.checkpoint.save_dir / "checkpoint_best.pt")
-    if not model_path.is_file():
-        raise UnitsError(f"stage featurize: no model at {model_path}; give checkpoint=PATH or pretrain first")
-    splits = [cfg.dataset.train_subset] + [split.strip() for split in str(cfg.dataset.valid_subset or "").split(",")
-                                           if split.strip() and not cfg.dataset.disable_validation]
+    model_path, splits, device = stage_inputs(cfg, run_dir, "featurize")
     output_root = Path(run_dir) / "features"
-    device = "cpu" if cfg.common.cpu else None
     result: dict[str, Any] = {"output_dir": str(output_root)}
     for split in splits:
         counts = featurize_split(model_path, Path(cfg.task.data), output_root, split, extension="tsv",

@@ -37,12 +37,13 @@ from repro.models.wav2vec import Wav2VecModel
 from repro.tools.audio_units import (
     AudioFile,
     UnitsError,
-    choose_device,
     file_lengths,
     iterate_batches,
     load_wav2vec,
+    model_on_device,
     run_model,
     split_files,
+    stage_inputs,
 )
 
 DICTIONARY_NAME = "dict.txt"
@@ -120,11 +121,7 @@ def tokenize_split(model_path: Path, data_dir: Path, output_dir: Path, split: st
                    labels: str | None = None, max_size: int = 1_300_000, device: str | None = None,
                    batch_samples: int | None = None, num_workers: int = 2, progress: bool = True) -> Path:
     """Write `<output_dir>/<split>.src` (and .lbl); resumes from `<split>.src.partial`. Returns the .src path."""
-    loaded = load_wav2vec(model_path, need_quantizer=True, tool="tokenize")
-    torch_device = choose_device(device)
-    model = loaded.model.to(torch_device).eval()
-    if batch_samples is None:
-        batch_samples = 2_400_000 if torch_device.type == "cuda" else 480_000
+    model, torch_device, batch_samples = model_on_device(model_path, True, "tokenize", device, batch_samples)
     files = split_files(data_dir, split, extension)
     label_lines = read_labels(data_dir, split, labels, len(files)) if labels else None
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -202,13 +199,8 @@ def run_tokenize(cfg: Any, run_dir: Path, tracker: Any = None) -> dict[str, Any]
 
     The model is `common_eval.path` (`checkpoint=PATH`) or this run's `checkpoints/checkpoint_best.pt`.
     """
-    model_path = Path(cfg.common_eval.path or Path(run_dir) / cfg.checkpoint.save_dir / "checkpoint_best.pt")
-    if not model_path.is_file():
-        raise UnitsError(f"stage tokenize: no model at {model_path}; give checkpoint=PATH or pretrain first")
-    splits = [cfg.dataset.train_subset] + [split.strip() for split in str(cfg.dataset.valid_subset or "").split(",")
-                                           if split.strip() and not cfg.dataset.disable_validation]
+    model_path, splits, device = stage_inputs(cfg, run_dir, "tokenize")
     output_dir = Path(run_dir) / "units"
-    device = "cpu" if cfg.common.cpu else None
     loaded = load_wav2vec(model_path, need_quantizer=True, tool="tokenize")
     quantizer = loaded.model.vector_quantizer
     result: dict[str, Any] = {"output_dir": str(output_dir)}
