@@ -652,6 +652,13 @@ class PaperConfig:
     """GPU type of the original run."""
     hours: float | None = None
     """Wall-clock hours of the original run."""
+    compute_source: str | None = None
+    """Where gpus / hours come from ('paper §4.2', 'author survey', ...); None = not given anywhere."""
+    world_size_source: str | None = None
+    """Where distributed_training.paper_world_size comes from ('paper §4.3', 'fairseq vox_10m.yaml: 4 x 5')."""
+    recipe: str = "paper"
+    """Whose values the row runs: 'paper' (the paper's text, fairseq's yaml only where the paper is silent)
+    or 'fairseq' (fairseq's own yamls; `recipe=fairseq`)."""
     decoding: list[str] = field(default_factory=list)
     """Decoding setups evaluated for the rows: 'viterbi', 'kenlm_4gram', 'transformer'."""
     eval_splits: list[str] = field(default_factory=lambda: ["dev_clean", "dev_other", "test_clean", "test_other"])
@@ -740,6 +747,24 @@ class DemoSizeConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """How a fine-tuning row picks its run (wav2vec 2.0 §4.3): one run, or a learning-rate x seed grid
+    whose winner is the lowest `split` WER under the fixed selection `decoding`."""
+
+    type: str = "none"
+    """'grid' (the paper's procedure for the Libri-light splits) or 'none' (one run at optimization.lr)."""
+    lrs: list[float] = field(default_factory=lambda: [2e-5, 3e-5])
+    """Peak learning rates of the grid (§4.3: 2e-5 and 3e-5)."""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Seeds of the grid (§4.3: three; the paper does not give their values)."""
+    split: str = "dev_other"
+    """Split whose WER selects the winner (§4.3: dev-other)."""
+    decoding: DecodeConfig = field(default_factory=lambda: DecodeConfig(
+        type="kenlm", name="selection", beam=50, lm_weight=2.0, word_score=-1.0))
+    """Decoding that scores the grid (§4.3: official 4-gram, beam 50, LM weight 2, word insertion -1)."""
+
+
+@dataclass
 class DemoConfig:
     """The miniature end-to-end reproduction of `make demo` (stage `demo`)."""
 
@@ -800,6 +825,7 @@ class ReproConfig:
     decodings: dict[str, Any] = field(default_factory=dict)
     """Named decoding setups (overrides of `decode`) evaluated by stage=evaluate."""
     paper: PaperConfig = field(default_factory=PaperConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
