@@ -18,9 +18,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from repro.config import CONF_DIR, STAGES, ConfigError, check_ranges, register_configs
+from repro.launch import selection
 from repro.track import build_tracker
 from repro.track.lock import RunDirectoryLocked, run_directory_lock
-from repro.track.status import run_stages
+from repro.track.status import missing_pseudo_labels, run_stages
 
 log = logging.getLogger("repro")
 
@@ -60,14 +61,20 @@ def resolve_stage(stage: str):
     return getattr(module, function_name)
 
 
-def _rewrite_checkpoint_shorthand(argv: list[str]) -> list[str]:
-    """`checkpoint=PATH` (DESIGN.md's spelling) -> `common_eval.path=PATH`.
+def _rewrite_shorthands(argv: list[str]) -> list[str]:
+    """`checkpoint=PATH` (DESIGN.md's spelling) -> `common_eval.path=PATH`; `lr=X` -> `optimization.lr=[X]`.
 
     `checkpoint` is also fairseq's checkpoint-saving group (`checkpoint.save_interval_updates`),
-    so a bare value cannot be stored there.
+    so a bare value cannot be stored there; fairseq keeps the learning rate as a list (`selection=none lr=3e-5`).
     """
-    prefix = "checkpoint="
-    return ["common_eval.path=" + arg[len(prefix):] if arg.startswith(prefix) else arg for arg in argv]
+    def rewrite(arg: str) -> str:
+        if arg.startswith("checkpoint="):
+            return "common_eval.path=" + arg[len("checkpoint="):]
+        if arg.startswith("lr="):
+            return f"optimization.lr=[{arg[len('lr='):]}]"
+        return arg
+
+    return [rewrite(arg) for arg in argv]
 
 
 def _rewrite_plan_gpus(argv: list[str]) -> list[str]:
@@ -88,16 +95,24 @@ def run(cfg: DictConfig) -> tuple[int, object]:
         print(f"repro: {error}", file=sys.stderr)
         return 2, None
 
-    if cfg.dry_run or cfg.cluster.name == "slurm":
+    if cfg.dry_run:
         from repro.launch import slurm  # submitit is only needed here
-        if cfg.dry_run:
-            print(slurm.describe_plan(cfg))
-            if cfg.plan.measure or cfg.plan.gpus:
-                from repro.launch.cost import describe_cost  # times real training steps with plan.measure
 
-                print(describe_cost(cfg))
-            return 0, None
+        print(slurm.describe_plan(cfg))
+        if cfg.plan.measure or cfg.plan.gpus:
+            from repro.launch.cost import describe_cost  # times real training steps with plan.measure
+
+            print(describe_cost(cfg))
+        return 0, None
+    if (problem := missing_pseudo_labels(cfg, run_dir)) is not None:
+        print(f"repro: {problem}", file=sys.stderr)
+        return 2, None
+    if cfg.cluster.name == "slurm":
+        from repro.launch import slurm
+
         if not slurm.inside_slurm_job():
+            if cfg.selection.type == "grid" and "finetune" in stages:
+                return selection.submit_grid(cfg, run_dir), None
             if "pseudo_label" in stages:  # its own SLURM job array, submitted and awaited from here
                 run_stages(cfg, run_dir, name=cfg.experiment, stages=[implementations[stages.index("pseudo_label")]],
                            gpus=0, tracker=build_tracker(cfg, run_dir))
@@ -112,9 +127,10 @@ def run(cfg: DictConfig) -> tuple[int, object]:
     from repro.train.distributed import detect_env  # torch: imported once there is work to do
 
     holds_lock = detect_env().rank == 0
+    gpus = _visible_gpus(cfg)
     with run_directory_lock(run_dir) if holds_lock else contextlib.nullcontext():
-        result = run_stages(cfg, run_dir, name=cfg.experiment, stages=implementations, gpus=_visible_gpus(cfg),
-                            tracker=build_tracker(cfg, run_dir))
+        result = run_stages(cfg, run_dir, name=cfg.experiment, stages=selection.grid_stages(cfg, implementations, gpus),
+                            gpus=gpus, tracker=build_tracker(cfg, run_dir))
     return 0, result
 
 
@@ -179,5 +195,5 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    sys.argv = _rewrite_plan_gpus(_rewrite_checkpoint_shorthand(sys.argv))
+    sys.argv = _rewrite_plan_gpus(_rewrite_shorthands(sys.argv))
     _hydra_main()

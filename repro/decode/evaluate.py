@@ -34,6 +34,8 @@ from repro.decode.wer import CorpusScore, UtteranceResult, score_results, units_
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "repro-emissions-v1"
+PHONE_LABELS = "phn"
+"""Label extension of phone targets (TIMIT, `python -m repro.tools prepare-timit`): scored as PER."""
 
 
 class EvaluationError(RuntimeError):
@@ -212,6 +214,11 @@ def decoding_setups(cfg: DictConfig) -> dict[str, DecodeConfig]:
     return setups
 
 
+def _metrics_text(metrics: dict[str, float]) -> str:
+    """'WER 12.30 UER 4.10' (+ ' PER 4.10' for phone labels)."""
+    return " ".join(f"{name.upper()} {value:.2f}" for name, value in metrics.items())
+
+
 def _json_safe(value: Any) -> Any:
     """JSON has no infinities: inf / nan become strings ('-inf' for fairseq's default unk_weight)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -270,9 +277,11 @@ def run_evaluate(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[st
             score: CorpusScore = score_results(results)
             write_results(eval_dir / split_name / name, checkpoint_path, split_name, results, score)
             metrics = {"wer": score.wer, "uer": score.uer}
+            if labels == PHONE_LABELS:  # TIMIT: the units are phones, their error rate is the PER (Table 3)
+                metrics["per"] = score.uer
             summary.setdefault(split_name, {})[name] = metrics
-            log.info("%s/%s: WER %.2f UER %.2f", split_name, name, score.wer, score.uer)
-            print(f"{split_name}/{name}: WER {score.wer:.2f} UER {score.uer:.2f}")
+            log.info("%s/%s: %s", split_name, name, _metrics_text(metrics))
+            print(f"{split_name}/{name}: {_metrics_text(metrics)}")
             if tracker is not None:
                 tracker.log_metrics(metrics, step=0, split=f"{split_name}/{name}")
     eval_dir.mkdir(parents=True, exist_ok=True)

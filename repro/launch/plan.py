@@ -76,6 +76,10 @@ class LaunchPlan:
     paper_gpus: int | None
     paper_gpu_type: str | None
     paper_hours: float | None
+    compute_source: str | None
+    """Where paper_gpus / paper_hours come from (paper.compute_source); None = no source given."""
+    world_size_source: str | None
+    """Where paper_world_size comes from (paper.world_size_source); None = no source given."""
     gpu_type: str | None
     timeout_min: int
     max_num_timeout: int
@@ -144,6 +148,8 @@ def plan_launch(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> La
         paper_gpus=None if paper.gpus is None else int(paper.gpus),
         paper_gpu_type=paper.gpu_type,
         paper_hours=None if paper.hours is None else float(paper.hours),
+        compute_source=paper.get("compute_source"),
+        world_size_source=paper.get("world_size_source"),
         gpu_type=cluster.get("gpu_type"),
         timeout_min=int(cluster.timeout_min),
         max_num_timeout=int(cluster.max_num_timeout),

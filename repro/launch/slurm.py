@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from repro.launch.plan import LaunchPlan, executor_parameters, plan_launch
 from repro.launch.preemption import clear_stop_request, request_stop, stop_requested
 from repro.launch.pseudo_label import describe_pseudo_label
+from repro.launch.selection import describe_selection
 
 JOB_MARKER_ENV = "REPRO_SLURM_JOB"
 """Set to 1 for the training process a SlurmStageJob starts."""
@@ -89,25 +91,30 @@ def describe_plan(cfg: DictConfig) -> str:
         lines.append(f"note: using {plan.gpus_per_node} of the {plan.requested_gpus_per_node} GPUs per node so that the "
                      f"paper's {plan.paper_world_size} GPUs' batch is kept exactly")
     lines.append(f"world size: {plan.world_size} process(es)  -> distributed_training.distributed_world_size")
-    paper = "not set" if plan.paper_world_size is None else f"{plan.paper_world_size} GPUs"
-    lines.append(f"update_freq: {plan.update_freq}  (configured {plan.configured_update_freq}; paper world size "
-                 f"{paper}; {plan.world_size} x {plan.update_freq} here)")
+    reference = "not set" if plan.paper_world_size is None else (
+        f"{plan.paper_world_size} GPUs [{plan.world_size_source or 'source not given'}]")
+    lines.append(f"update_freq: {plan.update_freq}  (configured {plan.configured_update_freq}; reference world size "
+                 f"{reference}; {plan.world_size} x {plan.update_freq} here)")
     if plan.batch_samples is not None:
         lines.append(f"effective batch: <= {plan.batch_samples:,} samples = {plan.batch_seconds:,.1f} s "
                      f"({plan.batch_seconds / 3600:.2f} h) of audio per update "
                      f"(max_tokens {plan.max_tokens:,} x {plan.world_size} x {plan.update_freq})")
+    compute_source = plan.compute_source or "source not given"
     if plan.paper_gpu_hours is not None:
-        lines.append(f"paper compute: {plan.paper_gpus} x {plan.paper_gpu_type or 'GPU'} x {_hours(plan.paper_hours)}"
-                     f" = {plan.paper_gpu_hours:,.0f} GPU-hours")
+        lines.append(f"reference compute [{compute_source}]: {plan.paper_gpus} x {plan.paper_gpu_type or 'GPU'} x "
+                     f"{_hours(plan.paper_hours)} = {plan.paper_gpu_hours:,.0f} GPU-hours")
         gpu = plan.gpu_type or "GPU"
-        estimate = (f"estimate here: {_hours(plan.estimated_hours)} on {plan.world_size} x {gpu} at the paper's "
-                    f"per-GPU speed")
+        estimate = (f"estimate here: {_hours(plan.estimated_hours)} on {plan.world_size} x {gpu} at the reference "
+                    f"run's per-GPU speed")
         if plan.cluster == "slurm" and plan.estimated_jobs is not None:
             estimate += f"; {plan.estimated_jobs} SLURM run(s) of {plan.timeout_min} min (requeued in between)"
         lines.append(estimate)
     else:
-        lines.append(f"paper compute: {plan.paper_gpus or '?'} x {plan.paper_gpu_type or 'GPU'}, "
-                     "hours not given in the sources")
+        lines.append(f"reference compute [{compute_source}]: {plan.paper_gpus or '?'} x {plan.paper_gpu_type or 'GPU'}, "
+                     "hours not given")
+    selection = describe_selection(cfg)
+    if selection is not None:
+        lines.append(selection)
     if "pseudo_label" in ([cfg.stage] if cfg.stage else cfg.stages):
         lines += describe_pseudo_label(cfg)
     lines.append("resolved config:")
@@ -147,21 +154,32 @@ def _override_value(value: str) -> str:
 def submit(cfg: DictConfig, run_dir: Path) -> int:
     """Submit the configured stages as one SLURM job; print its id. Returns a process exit code."""
     try:
-        plan = plan_launch(cfg)
+        submit_job(cfg, run_dir)
     except ValueError as error:
         print(f"repro: cannot launch {cfg.experiment}: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def submit_job(cfg: DictConfig, run_dir: Path, after: Sequence[str] = ()) -> str:
+    """Submit the configured stages as one SLURM job, started only once the jobs `after` succeeded; returns its id.
+
+    Raises ValueError when the plan cannot keep the paper's batch on this cluster."""
+    plan = plan_launch(cfg)
     run_dir = Path(run_dir).absolute()
     folder = run_dir / SUBMIT_DIR
     freeze_config(cfg, plan, folder)
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=plan.max_num_timeout)
-    executor.update_parameters(**executor_parameters(cfg, plan), slurm_additional_parameters={"requeue": True})
+    additional: dict[str, Any] = {"requeue": True}
+    if after:
+        additional["dependency"] = "afterok:" + ":".join(after)
+    executor.update_parameters(**executor_parameters(cfg, plan), slurm_additional_parameters=additional)
     job = executor.submit(SlurmStageJob(str(folder), FROZEN_CONFIG_NAME, str(run_dir), str(Path.cwd())))
     with (folder / "job_ids").open("a") as ids:
         ids.write(f"{job.job_id}\n")
     print(f"repro: submitted {cfg.experiment} as SLURM job {job.job_id} ({plan.world_size} task(s), "
           f"update_freq {plan.update_freq}); run dir {run_dir}; logs {folder}/{job.job_id}_*_log.out", flush=True)
-    return 0
+    return str(job.job_id)
 
 
 # --- inside the job -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from repro.launch.selection import read_selection
 from repro.track.jsonl import iter_metric_records, record_metrics
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class RunRecord:
     wall_seconds: float | None = None
     gpus: int = 0
     paper_gpu_hours: float | None = None
+    selection: dict[str, Any] | None = None
+    """The §4.3 grid's `selection.json` (scores, winner, spread over seeds) when the run selected its model."""
 
     @property
     def gpu_hours(self) -> float | None:
@@ -100,6 +103,15 @@ def _label_from_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _skipped_pseudo_labels(config: dict[str, Any], status: dict[str, Any]) -> bool:
+    """A self-training row's run whose results did not come from pseudo-labels (nor from a given checkpoint)."""
+    if "pseudo_label" not in (config.get("stages") or []):
+        return False
+    if (config.get("common_eval") or {}).get("path"):
+        return False
+    return "pseudo_label" not in status.get("completed_stages", [])
+
+
 def record_from_run_dir(run_dir: Path) -> RunRecord | None:
     """Build a record from one run directory, or None if it is not one."""
     config_path = run_dir / "config.yaml"
@@ -111,7 +123,12 @@ def record_from_run_dir(run_dir: Path) -> RunRecord | None:
     metrics_path = run_dir / "metrics.jsonl"
     results, curves = _split_metrics(list(iter_metric_records(metrics_path))) if metrics_path.exists() else ({}, {})
     label = _label_from_config(config)
+    if _skipped_pseudo_labels(config, status):
+        log.warning("%s: a self-training row run without its pseudo_label stage; not reported against %s",
+                    run_dir, label["rows"])
+        label["rows"] = []
     return RunRecord(
+        selection=read_selection(run_dir),
         name=str(status.get("name") or config.get("experiment", run_dir.name)),
         run_dir=str(run_dir),
         status=str(status.get("status", "running" if metrics_path.exists() else "not run")),

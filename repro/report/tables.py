@@ -1,15 +1,19 @@
-"""Join runs with the paper's numbers into tables laid out like wav2vec 2.0's Tables 1 and 2 and
+"""Join runs with the paper's numbers into tables laid out like wav2vec 2.0's Tables 1, 2 and 3 and
 Xu et al.'s self-training tables.
 
-Rows are model x pretraining data x labeled data x LM; columns are the four LibriSpeech
-splits; each cell carries ours, the paper's and the difference. Runs on the synthetic corpus go
+Rows are model x pretraining data x labeled data x LM (no LM, 4-gram and Transformer for every row we
+re-run: Tables 1/2 with their Appendix C twins 9/10); columns are the four LibriSpeech splits; each cell
+carries ours, the paper's and the difference. A row that chose its run by §4.3's grid says which run
+and how the seeds spread. Runs on the synthetic corpus go
 to their own table and are never joined with LibriSpeech numbers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from repro.launch.selection import selection_summary
 from repro.report.collect import DECODING_LM, RunRecord
 from repro.report.paper import SPLITS, PaperRow, paper_key
 
@@ -59,13 +63,46 @@ def _lm_to_decoding(lm: str) -> str | None:
     return {label: name for name, label in DECODING_LM.items()}.get(lm)
 
 
-# (paper, table, title, which of its rows we reproduce: by model name)
-JOINED_TABLES = (
-    ("w2v2", "1", "Table 1: low-resource labeled data", lambda model: model.startswith(("BASE", "LARGE"))),
-    ("w2v2", "2", "Table 2: 960 h labeled data", lambda model: model.startswith(("BASE", "LARGE"))),
-    ("st", "1", "Xu et al. 2021 Table 1: self-training (ST, ctc ft)", lambda model: "ST (ctc ft)" in model),
-    ("st", "2 (cross-quoted)", "Xu et al. 2021: self-training on 960 h labeled data",
-     lambda model: "self-training" in model),
+def _split_values(results: dict[str, dict[str, float]], metric: str = "wer",
+                  aliases: dict[str, str] | None = None) -> dict[str, float | None]:
+    """Our number per paper column; `aliases` names the split a column holds when it is not the column's own
+    (TIMIT: the paper's csv keeps dev PER in dev_clean and test PER in test_clean)."""
+    values: dict[str, float | None] = {}
+    for split in SPLITS:
+        name = (aliases or {}).get(split, split)
+        cell = results.get(name) or results.get(SPLIT_TITLES.get(name, name))
+        values[split] = None if cell is None or metric not in cell else float(cell[metric])
+    return values
+
+
+def _reproduced_w2v2(model: str) -> bool:
+    return model.startswith(("BASE", "LARGE"))  # the baselines of other papers are context we do not re-run
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    """A report table: the paper tables it joins (a main table and its Appendix C twin) and which rows we re-run."""
+
+    paper: str
+    tables: tuple[str, ...]
+    title: str
+    reproduced: Callable[[str], bool]
+    """Which of the tables' rows (by model name) our rows reproduce."""
+    metric: str = "wer"
+    aliases: tuple[tuple[str, str], ...] = ()
+
+
+# Each wav2vec 2.0 row we re-run appears with every decoding the paper reports for it: no LM and 4-gram
+# (Appendix C Tables 9 and 10) and the Transformer LM (Tables 1 and 2).
+PAPER_TABLES = (
+    PaperTable("w2v2", ("1", "9"), "Table 1 (+ Appendix C Table 9): low-resource labeled data", _reproduced_w2v2),
+    PaperTable("w2v2", ("2", "10"), "Table 2 (+ Appendix C Table 10): 960 h labeled data", _reproduced_w2v2),
+    PaperTable("w2v2", ("3",), "Table 3: TIMIT phoneme error rate (PER %; dev-clean column = TIMIT dev, "
+               "test-clean column = TIMIT test)", _reproduced_w2v2, metric="per",
+               aliases=(("dev_clean", "dev"), ("test_clean", "test"))),
+    PaperTable("st", ("1",), "Xu et al. 2021 Table 1: self-training (ST, ctc ft)", lambda model: "ST (ctc ft)" in model),
+    PaperTable("st", ("2 (cross-quoted)",), "Xu et al. 2021: self-training on 960 h labeled data",
+               lambda model: "self-training" in model),
 )
 # Xu et al.'s rows are "with LM" (Table 1 caption): the 4-gram beam re-scored with the Transformer LM
 # (§3.4); our closest decodings, best first.
@@ -83,17 +120,19 @@ def _row_decoding(lm: str, record: RunRecord | None) -> tuple[str | None, str]:
     return None, lm
 
 
-def _split_values(results: dict[str, dict[str, float]], metric: str = "wer") -> dict[str, float | None]:
-    values: dict[str, float | None] = {}
-    for split in SPLITS:
-        cell = results.get(split) or results.get(SPLIT_TITLES[split])
-        values[split] = None if cell is None or metric not in cell else float(cell[metric])
-    return values
+def run_status(record: RunRecord) -> str:
+    """The run's status, the recipe when it is not the paper's, and the §4.3 selection it made (the winning lr
+    and seed, the spread over seeds)."""
+    status = record.status if record.recipe == "paper" else f"{record.status} [{record.recipe} recipe]"
+    if not record.selection:
+        return status
+    return f"{status}; {selection_summary(record.selection)}"
 
 
 def build_tables(records: list[RunRecord], paper_rows: dict[str, PaperRow]) -> list[Table]:
-    """Tables 1 (low-resource) and 2 (960 h) of wav2vec 2.0 and Xu et al.'s self-training rows with our
-    runs joined in, plus one table of synthetic-corpus runs."""
+    """wav2vec 2.0's Tables 1 (low-resource), 2 (960 h) and 3 (TIMIT), each row we re-run with its no-LM,
+    4-gram and Transformer-LM lines, and Xu et al.'s self-training rows, with our runs joined in; plus one
+    table of synthetic-corpus runs."""
     runs_by_row: dict[str, RunRecord] = {}
     for record in records:
         if record.synthetic:
@@ -102,23 +141,24 @@ def build_tables(records: list[RunRecord], paper_rows: dict[str, PaperRow]) -> l
             runs_by_row[row_id] = record  # later (sorted) runs of the same row win
 
     tables: list[Table] = []
-    for paper, table_number, title, reproduced in JOINED_TABLES:
+    for paper_table in PAPER_TABLES:
         rows: list[TableRow] = []
         for row_id, paper_row in paper_rows.items():
-            if paper_key(paper_row.paper) != paper or paper_row.table != table_number:
+            if paper_key(paper_row.paper) != paper_table.paper or paper_row.table not in paper_table.tables:
                 continue
-            if not reproduced(paper_row.model):
-                continue  # the baselines of other papers are context we do not re-run
+            if not paper_table.reproduced(paper_row.model):
+                continue
             record = runs_by_row.get(row_id)
             decoding, lm = _row_decoding(paper_row.lm, record)
-            ours = _split_values(record.results.get(decoding, {})) if record and decoding else {}
+            ours = (_split_values(record.results.get(decoding, {}), paper_table.metric, dict(paper_table.aliases))
+                    if record and decoding else {})
             rows.append(
                 TableRow(
                     model=paper_row.model,
                     pretrain_data=paper_row.pretrain_data,
                     labeled_data=paper_row.labeled_data,
                     lm=lm,
-                    status=record.status if record else "not run",
+                    status=run_status(record) if record else "not run",
                     ours=ours,
                     paper=dict(paper_row.values),
                     run=record.name if record else "",
@@ -126,7 +166,7 @@ def build_tables(records: list[RunRecord], paper_rows: dict[str, PaperRow]) -> l
                 )
             )
         if rows:
-            tables.append(Table(title=title, rows=sorted(rows, key=lambda r: r.sort_key)))
+            tables.append(Table(title=paper_table.title, rows=sorted(rows, key=lambda r: r.sort_key)))
 
     synthetic_rows: list[TableRow] = []
     for record in records:

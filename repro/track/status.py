@@ -27,7 +27,13 @@ class RunStatus:
         previous = read_status(run_dir)
         self.earlier_seconds = float(previous.get("wall_seconds", 0.0))  # a resumed run adds to it
         self.started = time.time()
-        self.fields = {"name": name, "stage": stage, "gpus": gpus}
+        self.fields = {"name": name, "stage": stage, "gpus": gpus,
+                       "completed_stages": list(previous.get("completed_stages", []))}
+
+    def completed(self, stage: str) -> None:
+        """Remember that `stage` finished in this run directory (kept across invocations)."""
+        if stage not in self.fields["completed_stages"]:
+            self.fields["completed_stages"].append(stage)
 
     def write(self, status: str, **extra) -> None:
         """Record `status` ('running', 'finished', 'failed') and the wall time so far."""
@@ -58,6 +64,7 @@ def run_stages(cfg: DictConfig, run_dir: Path, name: str, stages: Sequence[Stage
         for stage, function in stages:
             status.write("running", current_stage=stage)
             result = function(cfg, run_dir, tracker)
+            status.completed(stage)
         outcome = "finished"
     except SystemExit as stop:
         if stop.code == PREEMPTED_EXIT_CODE:
@@ -68,3 +75,23 @@ def run_stages(cfg: DictConfig, run_dir: Path, name: str, stages: Sequence[Stage
         if tracker is not None:
             tracker.finish({"finished": "FINISHED", "preempted": "KILLED"}.get(outcome, "FAILED"))
     return result
+
+
+def missing_pseudo_labels(cfg: DictConfig, run_dir: Path) -> str | None:
+    """Why `cfg.stage` may not run alone in a self-training row's run directory, or None.
+
+    A self-training row's finetune and evaluate stages mean "on the pseudo-labels": run before its
+    pseudo_label stage finished here they would be a plain fine-tuning written into, and reported as, the
+    self-training row. Evaluating a given checkpoint (`checkpoint=PATH`, e.g. a released self-trained
+    model) is allowed.
+    """
+    stages = list(cfg.stages)
+    if not cfg.stage or "pseudo_label" not in stages or cfg.stage == "pseudo_label":
+        return None
+    if cfg.stage == "evaluate" and cfg.common_eval.path:
+        return None
+    if "pseudo_label" in read_status(run_dir).get("completed_stages", []):
+        return None
+    return (f"stage {cfg.stage!r} of the self-training row {cfg.experiment} needs its pseudo_label stage to have "
+            f"finished in {run_dir} (stages: {', '.join(stages)}); run the row without stage=, or stage=pseudo_label "
+            f"first. A plain fine-tuning is the row without '_st' (e.g. experiment={cfg.experiment.removesuffix('_st')}).")

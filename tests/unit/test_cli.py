@@ -17,7 +17,7 @@ from repro.cli import (
     CONF_DIR,
     STAGE_IMPLEMENTATIONS,
     StageNotBuilt,
-    _rewrite_checkpoint_shorthand,
+    _rewrite_shorthands,
     resolve_stage,
     run,
 )
@@ -134,10 +134,12 @@ def test_stage_messages_say_what_is_missing_without_tracker_references(monkeypat
     assert unbuilt == ["featurize"]  # the simulated one; every real stage resolves
 
 
-def test_checkpoint_shorthand_points_at_common_eval_path():
-    argv = ["repro", "experiment=base_960h", "checkpoint=/m/wav2vec_small_960h.pt", "checkpoint.save_interval_updates=5"]
-    assert _rewrite_checkpoint_shorthand(argv) == [
-        "repro", "experiment=base_960h", "common_eval.path=/m/wav2vec_small_960h.pt", "checkpoint.save_interval_updates=5"
+def test_checkpoint_and_lr_shorthands():
+    argv = ["repro", "experiment=base_960h", "checkpoint=/m/wav2vec_small_960h.pt", "checkpoint.save_interval_updates=5",
+            "lr=3e-5"]
+    assert _rewrite_shorthands(argv) == [
+        "repro", "experiment=base_960h", "common_eval.path=/m/wav2vec_small_960h.pt", "checkpoint.save_interval_updates=5",
+        "optimization.lr=[3e-5]"
     ]
 
 

@@ -101,7 +101,7 @@ def check_golden(name: str, text: str) -> None:
 
 def test_row_ids_are_unique_and_stable():
     rows = load_paper_rows()
-    assert len(rows) == 189  # one id per line of paper_results.csv
+    assert len(rows) == 216  # one id per line of paper_results.csv
     base = rows["w2v2-t1-base-ls-960-10m-4-gram"]
     assert (base.model, base.labeled_data, base.lm) == ("BASE", "10m", "4-gram")
     assert base.values == {"dev_clean": 8.9, "dev_other": 15.7, "test_clean": 9.1, "test_other": 15.6}
@@ -113,9 +113,16 @@ def test_row_ids_are_unique_and_stable():
 def test_tables_join_ours_with_paper_and_keep_synthetic_apart():
     tables = build_tables(fixed_records(), load_paper_rows())
     assert [t.title.split(":")[0] for t in tables] == [
-        "Table 1", "Table 2", "Xu et al. 2021 Table 1", "Xu et al. 2021",
+        "Table 1 (+ Appendix C Table 9)", "Table 2 (+ Appendix C Table 10)", "Table 3", "Xu et al. 2021 Table 1",
+        "Xu et al. 2021",
         "Synthetic corpus (demo; not comparable with LibriSpeech numbers)"]
     table1 = {r.row_id: r for r in tables[0].rows}
+    # every row we re-run has its no-LM, 4-gram and Transformer lines (Tables 1 + 9)
+    assert {r.lm for r in tables[0].rows if (r.model, r.pretrain_data, r.labeled_data) == ("LARGE", "LV-60k", "10m")} == {
+        "None", "4-gram", "Transf."}
+    assert table1["w2v2-t9-base-ls-960-10m-none"].paper["dev_other"] == 51.5
+    assert {r.lm for r in tables[1].rows if r.model.startswith("LARGE - from scratch")} == {"None", "4-gram", "Transf."}
+    assert [r.paper for r in tables[2].rows] == [{"dev_clean": 7.4, "dev_other": None, "test_clean": 8.3, "test_other": None}]
     base = table1["w2v2-t1-base-ls-960-10m-4-gram"]
     assert base.status == "finished"
     assert base.delta("dev_clean") == pytest.approx(9.3 - 8.9)
@@ -123,13 +130,13 @@ def test_tables_join_ours_with_paper_and_keep_synthetic_apart():
     assert table1["w2v2-t1-large-lv-60k-100h-transf"].status == "failed"
     assert table1["w2v2-t1-large-ls-960-1h-transf"].status == "not run"
     # Xu et al.'s "with LM" rows show our best LM decoding present (here the 4-gram), and say so
-    self_training = {r.row_id: r for r in tables[2].rows}
+    self_training = {r.row_id: r for r in tables[3].rows}
     st = self_training["st-t1-wav2vec-2-0-large-st-ctc-ft-lv-60k-10m-with-lm-see-notes"]
     assert st.status == "finished" and st.lm == "with LM (see notes): ours 4-gram"
     assert st.delta("test_clean") == pytest.approx(3.3 - 3.0) and st.delta("test_other") == pytest.approx(5.6 - 5.2)
-    assert all("ST (ctc ft)" in r.model for r in tables[2].rows)  # s2s scratch and baselines are not re-run
-    assert [r.paper["test_other"] for r in tables[3].rows] == [3.1]  # 960 h, as quoted by HuBERT
-    synthetic = tables[4].rows
+    assert all("ST (ctc ft)" in r.model for r in tables[3].rows)  # s2s scratch and baselines are not re-run
+    assert [r.paper["test_other"] for r in tables[4].rows] == [3.1]  # 960 h, as quoted by HuBERT
+    synthetic = tables[5].rows
     assert all(not r.paper for r in synthetic)  # never joined with LibriSpeech numbers
     assert {(r.pretrain_data, r.lm) for r in synthetic} == {("synthetic", "None"), ("synthetic", "4-gram"), ("none (from scratch)", "None")}
 
