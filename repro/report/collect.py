@@ -53,6 +53,8 @@ class RunRecord:
     gpus: int = 0
     paper_gpu_hours: float | None = None
     selection: dict[str, Any] | None = None
+    recipe: str = "paper"
+    """Whose values the run followed: 'paper' or 'fairseq' (`recipe=fairseq`)."""
     """The §4.3 grid's `selection.json` (scores, winner, spread over seeds) when the run selected its model."""
 
     @property
@@ -100,6 +102,7 @@ def _label_from_config(config: dict[str, Any]) -> dict[str, Any]:
         "labeled_data": str(paper.get("labeled_data") or ""),
         "pretrained": not bool(model.get("no_pretrained_weights", False)),
         "paper_gpu_hours": (paper.get("gpus") or 0) * (paper.get("hours") or 0) or None,
+        "recipe": str(paper.get("recipe") or "paper"),
     }
 
 
