@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from repro.config import CONF_DIR, STAGES, ConfigError, check_ranges, register_configs
-from repro.launch import selection
+from repro.report import selection
 from repro.track import build_tracker
 from repro.track.lock import RunDirectoryLocked, run_directory_lock
 from repro.track.status import missing_pseudo_labels, run_stages

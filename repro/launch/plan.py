@@ -183,3 +183,36 @@ def placement_parameters(cluster: DictConfig) -> dict[str, object]:
         if cluster.get(key) is not None:
             params[f"slurm_{key}"] = str(cluster[key])
     return params
+
+
+# --- wav2vec 2.0 §4.3's learning-rate x seed grid (run by repro.report.selection) -------------------------
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One fine-tuning of the grid: its peak learning rate and seed."""
+
+    lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"lr{self.lr:g}_seed{self.seed}"
+
+
+def grid_points(selection: DictConfig) -> list[GridPoint]:
+    """Every (learning rate, seed) of the grid, learning rates outermost (the order ties are broken in)."""
+    return [GridPoint(float(lr), int(seed)) for lr in selection.lrs for seed in selection.seeds]
+
+
+def describe_selection(cfg: DictConfig) -> str | None:
+    """One line for the dry run: how many fine-tunings the grid runs and how the winner is chosen."""
+    selection = cfg.get("selection")
+    if selection is None or selection.type != "grid":
+        return None
+    points = grid_points(selection)
+    decoding = selection.decoding
+    return (f"selection: {len(selection.lrs)} lr {list(selection.lrs)} x {len(selection.seeds)} seeds = {len(points)} "
+            f"fine-tunings (the plan above is per fine-tuning), winner by {selection.split} WER with {decoding.type} "
+            f"beam {decoding.beam} lm_weight {decoding.lm_weight} word_score {decoding.word_score}; "
+            f"`selection=none lr=...` runs one")

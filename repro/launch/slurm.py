@@ -31,10 +31,9 @@ from typing import Any
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
-from repro.launch.plan import LaunchPlan, executor_parameters, plan_launch
+from repro.launch.plan import LaunchPlan, describe_selection, executor_parameters, plan_launch
 from repro.launch.preemption import clear_stop_request, request_stop, stop_requested
 from repro.launch.pseudo_label import describe_pseudo_label
-from repro.launch.selection import describe_selection
 
 JOB_MARKER_ENV = "REPRO_SLURM_JOB"
 """Set to 1 for the training process a SlurmStageJob starts."""

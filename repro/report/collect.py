@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from repro.launch.selection import read_selection
+from repro.report.selection import read_selection
 from repro.track.jsonl import iter_metric_records, record_metrics
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from repro.launch.selection import selection_summary
 from repro.report.collect import DECODING_LM, RunRecord
 from repro.report.paper import SPLITS, PaperRow, paper_key
+from repro.report.selection import selection_summary
 
 LABELED_ORDER = {"10m": 0, "1h": 1, "10h": 2, "100h": 3, "960h": 4}
 LM_ORDER = {"None": 0, "4-gram": 1, "Transf.": 2}

@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from repro.config import CONF_DIR, register_configs
-from repro.launch import selection
+from repro.launch.plan import describe_selection
+from repro.report import selection
 from repro.report.collect import record_from_run_dir
 from repro.report.paper import load_paper_rows
 from repro.report.tables import build_tables
@@ -123,8 +124,8 @@ def test_selection_none_is_one_plain_run(tmp_path):
     calls: list = []
     stages = recording_stages(calls)
     assert selection.grid_stages(cfg, stages, gpus=0) == stages
-    assert selection.describe_selection(cfg) is None
-    assert "6 fine-tunings" in selection.describe_selection(compose_row("base_10m"))
+    assert describe_selection(cfg) is None
+    assert "6 fine-tunings" in describe_selection(compose_row("base_10m"))
 
 
 def test_a_self_training_row_does_not_masquerade(tmp_path):

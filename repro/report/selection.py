@@ -12,6 +12,9 @@ With `selection.type=grid` a row's stages change meaning:
 - `evaluate` picks the winner, writes `<run_dir>/selection.json` (every point's score, the winner, the spread
   over seeds per learning rate) and evaluates the winner's checkpoint_best with the row's own decodings in
   the row's run directory, which is what the report joins with the paper.
+
+It sits in the report layer because it runs stages (repro.train / decode through the callables it is given),
+keeps run bookkeeping (repro.track) and submits jobs (repro.launch); the grid itself is repro.launch.plan's.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from repro.launch.plan import GridPoint, grid_points
 from repro.track import build_tracker
 from repro.track.jsonl import read_json, write_json_atomic
 from repro.track.status import read_status, run_stages
@@ -39,21 +42,6 @@ Stage = tuple[str, Callable[[DictConfig, Path, Any], Any]]
 
 class SelectionError(RuntimeError):
     """The grid cannot be scored (a point did not finish, or its result lacks the selection split)."""
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    lr: float
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"lr{self.lr:g}_seed{self.seed}"
-
-
-def grid_points(selection: DictConfig) -> list[GridPoint]:
-    """Every (learning rate, seed) of the grid, learning rates outermost (the order ties are broken in)."""
-    return [GridPoint(float(lr), int(seed)) for lr in selection.lrs for seed in selection.seeds]
 
 
 def point_run_dir(run_dir: Path, point: GridPoint) -> Path:
@@ -183,19 +171,6 @@ def grid_stages(cfg: DictConfig, stages: Sequence[Stage], gpus: int) -> list[Sta
 
     replaced = {"finetune": run_grid, "evaluate": run_select}
     return [(name, replaced.get(name, function)) for name, function in stages]
-
-
-def describe_selection(cfg: DictConfig) -> str | None:
-    """One line for the dry run: how many fine-tunings the grid runs and how the winner is chosen."""
-    selection = cfg.get("selection")
-    if selection is None or selection.type != "grid":
-        return None
-    points = grid_points(selection)
-    decoding = selection.decoding
-    return (f"selection: {len(selection.lrs)} lr {list(selection.lrs)} x {len(selection.seeds)} seeds = {len(points)} "
-            f"fine-tunings (the plan above is per fine-tuning), winner by {selection.split} WER with {decoding.type} "
-            f"beam {decoding.beam} lm_weight {decoding.lm_weight} word_score {decoding.word_score}; "
-            f"`selection=none lr=...` runs one")
 
 
 def submit_grid(cfg: DictConfig, run_dir: Path) -> int:
