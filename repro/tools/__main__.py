@@ -13,6 +13,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "dictionary": ("repro.tools.dictionary", "write dict.ltr.txt from .ltr label files"),
     "synth-corpus": ("repro.tools.synth_corpus", "generate the synthetic speech corpus (espeak-ng)"),
     "prepare-librispeech": ("repro.tools.prepare_librispeech", "manifests/labels for LibriSpeech + Libri-light splits"),
+    "prepare-timit": ("repro.tools.prepare_timit", "TIMIT manifests, 39-phone labels and dict (wav2vec 2.0 Table 3)"),
     "import-checkpoint": ("repro.tools.import_checkpoint", "convert a released fairseq checkpoint or HF folder to ours"),
     "export": ("repro.tools.export", "a checkpoint as an HF transformers folder or torchaudio state dict"),
     "infer": ("repro.tools.infer", "decode a split and score WER (fairseq infer.py)"),
