@@ -19,6 +19,7 @@ keeps run bookkeeping (repro.track) and submits jobs (repro.launch); the grid it
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -51,7 +52,7 @@ def point_run_dir(run_dir: Path, point: GridPoint) -> Path:
 def point_config(cfg: DictConfig, point: GridPoint) -> DictConfig:
     """The row's config for one grid point: its lr and seed, scored only with the selection decoding on the
     selection split, citing no paper row (a trial is never reported against the paper)."""
-    point_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    point_cfg = copy.deepcopy(cfg)  # keeps the typed schema
     selection = cfg.selection
     point_cfg.optimization.lr = [point.lr]
     point_cfg.common.seed = point.seed
@@ -165,7 +166,7 @@ def grid_stages(cfg: DictConfig, stages: Sequence[Stage], gpus: int) -> list[Sta
         if tracker is not None:
             tracker.log_metrics({"selected_lr": winner["lr"], "selected_seed": winner["seed"],
                                  "selection_wer": winner["wer"]}, step=0, split="selection")
-        eval_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        eval_cfg = copy.deepcopy(cfg)  # keeps the typed schema
         eval_cfg.common_eval.path = winner["checkpoint"]
         return evaluate(eval_cfg, run_dir, tracker)
 
@@ -184,7 +185,7 @@ def submit_grid(cfg: DictConfig, run_dir: Path) -> int:
         if read_status(point_dir).get("status") == "finished":
             continue
         job_ids.append(slurm.submit_job(point_config(cfg, point), point_dir))
-    final_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    final_cfg = copy.deepcopy(cfg)  # keeps the typed schema
     final_cfg.stage = "evaluate"
     job_id = slurm.submit_job(final_cfg, run_dir, after=job_ids)
     print(f"repro: {cfg.experiment}: {len(job_ids)} grid job(s) {' '.join(job_ids) or '(all finished)'}; "

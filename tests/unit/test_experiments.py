@@ -375,7 +375,10 @@ def test_keys_from_schema_defaults_are_listed_and_reviewed(composed):
         GOLDEN_SCHEMA_DEFAULTS.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN_SCHEMA_DEFAULTS.write_text(text)
     assert text == GOLDEN_SCHEMA_DEFAULTS.read_text(), (
-        "the keys rows take from schema defaults changed: review tests/golden/experiments/schema_defaults.txt")
+        "the keys rows take from schema defaults changed (a new schema field, or a row that stopped setting a key): "
+        "check that each new default is what the paper / fairseq uses, then regenerate with REPRO_UPDATE_GOLDEN=1 "
+        "pytest tests/unit/test_experiments.py -k schema_defaults and review the diff of "
+        "tests/golden/experiments/schema_defaults.txt")
 
 
 # --- launch plan -----------------------------------------------------------------------------------
