@@ -128,7 +128,8 @@ class WeightNormConv1d(nn.Module):
     """Conv1d with weight normalisation over dim=2 (one norm per kernel tap), fairseq's pos_conv.
 
     Parameters are named like `torch.nn.utils.weight_norm`'s (`weight_g` (1, 1, K), `weight_v`), the
-    keys of fairseq checkpoints.
+    keys of fairseq checkpoints. Without autograd (inference) the normalised weight is computed once and
+    reused until a parameter changes (in place, e.g. load_state_dict, or replaced, e.g. `.to()`).
     """
 
     def __init__(self, channels: int, kernel_size: int, groups: int) -> None:
@@ -142,14 +143,24 @@ class WeightNormConv1d(nn.Module):
         self.weight_v = nn.Parameter(weight)
         self.weight_g = nn.Parameter(self._norm(weight.detach()))
         self.bias = nn.Parameter(torch.zeros(channels))
+        self._inference_weight: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     @staticmethod
     def _norm(v: torch.Tensor) -> torch.Tensor:
         return v.pow(2).sum(dim=(0, 1), keepdim=True).sqrt()  # (1, 1, K)
 
+    def _weight(self) -> torch.Tensor:
+        """g * v / ||v||, (C, C / groups, K); the same expression whether cached or not."""
+        if torch.is_grad_enabled():
+            return self.weight_v * (self.weight_g / self._norm(self.weight_v))
+        # _version counts in-place writes; data_ptr / device / dtype catch replaced storage
+        key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in (self.weight_v, self.weight_g))
+        if self._inference_weight is None or self._inference_weight[0] != key:
+            self._inference_weight = (key, self.weight_v * (self.weight_g / self._norm(self.weight_v)))
+        return self._inference_weight[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_v * (self.weight_g / self._norm(self.weight_v))
-        return F.conv1d(x, weight, self.bias, padding=self.kernel_size // 2, groups=self.groups)
+        return F.conv1d(x, self._weight(), self.bias, padding=self.kernel_size // 2, groups=self.groups)
 
 
 class SamePad(nn.Module):

@@ -306,3 +306,31 @@ def test_attention_gets_no_mask_unless_a_row_is_padded(monkeypatch):
         padding[1, 4000:] = True
         model.extract_features(source, padding)
         assert seen and all(mask is not None for mask in seen)
+
+
+def test_positional_conv_weight_is_cached_only_without_autograd_and_refreshed_when_changed():
+    from repro.models.wav2vec2 import WeightNormConv1d
+
+    torch.manual_seed(0)
+    conv = WeightNormConv1d(16, 4, groups=2).eval()
+    x = torch.randn(2, 16, 11)
+    with torch.enable_grad():
+        reference = conv(x)
+    assert conv._inference_weight is None  # autograd on: never cached
+    with torch.inference_mode():
+        assert torch.equal(conv(x), reference)  # the same expression: bit-equal
+        cached = conv._inference_weight[1]
+        assert torch.equal(conv(x), reference) and conv._inference_weight[1] is cached  # reused
+    with torch.no_grad():
+        conv.weight_g.mul_(2.0)  # an in-place change (optimizer step, load_state_dict) invalidates it
+        changed = conv(x)
+    assert conv._inference_weight[1] is not cached
+    with torch.enable_grad():
+        assert torch.equal(changed, conv(x)) and not torch.equal(changed, reference)
+    state = {key: value.clone() for key, value in conv.state_dict().items()}
+    state["weight_v"].mul_(-1.0)
+    conv.load_state_dict(state)  # copies into the parameters in place
+    with torch.no_grad():
+        loaded = conv(x)
+    with torch.enable_grad():
+        assert torch.equal(loaded, conv(x)) and not torch.equal(loaded, changed)
