@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="12 files and a narrow model")
     parser.add_argument("--files", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=2, help="audio-reading processes of ours")
+    parser.add_argument("--workers", type=int, default=None, help="audio-reading processes of ours (tool default)")
     args = parser.parse_args()
     count = args.files or (12 if args.quick else 24)
     repeats = args.repeats or (1 if args.quick else 2)
@@ -87,7 +87,7 @@ def main() -> int:
                 from repro.tools.audio_units import file_lengths, iterate_batches, run_model, split_files
 
                 items = split_files(root / "data", "train", "wav")
-                for _, waves in iterate_batches(items, file_lengths(items), 480_000, args.workers):
+                for _, waves in iterate_batches(items, file_lengths(items), 480_000, args.workers or 0):
                     run_model(model, waves, torch.device("cpu"), aggregate=True, codes=False)
 
         def plain() -> None:

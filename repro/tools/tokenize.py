@@ -37,6 +37,7 @@ from repro.models.wav2vec import Wav2VecModel
 from repro.tools.audio_units import (
     AudioFile,
     UnitsError,
+    choose_device,
     file_lengths,
     iterate_batches,
     load_wav2vec,
@@ -62,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     parser.add_argument("--batch-samples", type=int, default=None,
                         help="padded samples per batch (default 2.4M on GPU, 480k on CPU)")
-    parser.add_argument("--num-workers", type=int, default=2, help="audio-reading processes")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="audio-reading processes (default 2 on a GPU, 0 on CPU where they cost more than they save)")
 
 
 def code_string(codes: torch.Tensor) -> str:
@@ -119,8 +121,10 @@ def append_durably(path: Path, lines: Sequence[str]) -> None:
 
 def tokenize_split(model_path: Path, data_dir: Path, output_dir: Path, split: str, extension: str = "tsv",
                    labels: str | None = None, max_size: int = 1_300_000, device: str | None = None,
-                   batch_samples: int | None = None, num_workers: int = 2, progress: bool = True) -> Path:
+                   batch_samples: int | None = None, num_workers: int | None = None, progress: bool = True) -> Path:
     """Write `<output_dir>/<split>.src` (and .lbl); resumes from `<split>.src.partial`. Returns the .src path."""
+    if num_workers is None:
+        num_workers = 2 if choose_device(device).type == "cuda" else 0
     model, torch_device, batch_samples = model_on_device(model_path, True, "tokenize", device, batch_samples)
     files = split_files(data_dir, split, extension)
     label_lines = read_labels(data_dir, split, labels, len(files)) if labels else None
