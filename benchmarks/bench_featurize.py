@@ -2,8 +2,9 @@
 
 The baseline is what fairseq's wav2vec_featurize.py does: for each file in turn, soundfile.read,
 `feature_extractor` then `feature_aggregator` on that one file (eval, no_grad), write its output.
-Ours: files read ahead by worker processes, batched by length with padding (exact: the normalizations
-skip the padding), one model call per batch. Both use the same model (the wav2vec_large architecture
+Ours is the tool: on a GPU, files read ahead by worker processes and batched by length with padding
+(exact: the normalizations skip the padding); on CPU one file per call (batching measured 0.54x there),
+so the CPU ratio shows the tool's overhead (checkpoint load, bookkeeping) against the bare loop. Both use the same model (the wav2vec_large architecture
 of the README, random weights; `--quick`: a narrow one) on the same files, in this process, and write
 the same HDF5 files when h5py is installed (otherwise neither writes). One untimed warm-up each; the
 best of `--repeats` runs is kept; the last line is the ratio ours / baseline.

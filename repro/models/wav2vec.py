@@ -318,15 +318,18 @@ class Wav2VecModel(nn.Module):
                 codes: bool = False) -> dict[str, torch.Tensor]:
         """Inference on a right-padded batch, row by row equal to running each utterance alone.
 
-        source (B, L), lengths (B,) samples. Returns `frames` (B,) valid frames per row, `z` (B, C, T)
-        features (quantized for vq models), `c` (B, C', T) context (if aggregate) and `codes` (B, T, G)
-        (if codes; vq models only). Frames at or beyond `frames` are padding.
+        source (B, L), lengths (B,) samples (None: no padding, the plain fused normalizations run).
+        Returns `frames` (B,) valid frames per row, `z` (B, C, T) features (quantized for vq models),
+        `c` (B, C', T) context (if aggregate) and `codes` (B, T, G) (if codes; vq models only). Frames at
+        or beyond `frames` are padding.
         """
+        z = self.feature_extractor(source, lengths)
         if lengths is None:
             lengths = torch.full((source.size(0),), source.size(1), dtype=torch.long, device=source.device)
-        z = self.feature_extractor(source, lengths)
+            valid = None
+        else:
+            valid = frame_mask(self.feature_lengths(lengths), z.size(2))
         frames = self.feature_lengths(lengths)
-        valid = frame_mask(frames, z.size(2))
         result = {"frames": frames}
         if self.vector_quantizer is not None:
             quantized, idxs = self.quantized_with_codes(z, valid)
@@ -340,10 +343,10 @@ class Wav2VecModel(nn.Module):
             result["c"] = self.feature_aggregator(z, valid)
         return result
 
-    def quantized_with_codes(self, z: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantized_with_codes(self, z: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """forward_idx of the quantizer on padded rows (the k-means projection's GroupNorm is masked)."""
         quantizer = self.vector_quantizer
-        if isinstance(quantizer, KmeansVectorQuantizer):
+        if isinstance(quantizer, KmeansVectorQuantizer) and valid is not None:
             conv, norm = quantizer.projection
             return quantizer.quantize_projected(masked_group_norm(conv(z), norm, valid))
         return quantizer.forward_idx(z)

@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", type=int, default=None, help="GPU index (default: cuda:0 when available)")
     parser.add_argument("--device", default=None, help="torch device (overrides --gpu): cpu, cuda, cuda:1")
     parser.add_argument("--batch-samples", type=int, default=None,
-                        help="padded samples per batch (default 2.4M on GPU, 480k on CPU)")
+                        help="padded samples per batch (default 2.4M on a GPU; one file per call on CPU)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="audio-reading processes (default 2 on a GPU, 0 on CPU where they cost more than they save)")
 

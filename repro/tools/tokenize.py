@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-size", type=int, default=1_300_000, help="longest chunk in samples (fairseq)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     parser.add_argument("--batch-samples", type=int, default=None,
-                        help="padded samples per batch (default 2.4M on GPU, 480k on CPU)")
+                        help="padded samples per batch (default 2.4M on a GPU; one file per call on CPU)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="audio-reading processes (default 2 on a GPU, 0 on CPU where they cost more than they save)")
 
