@@ -282,7 +282,7 @@ class ModelConfig:
     """Codebook groups (G)."""
     latent_dim: int= non_negative(0)
     """Quantized vector dimension (0 = final_dim)."""
-    latent_temp: list[float]= positive([2.0, 0.5, 0.999995])
+    latent_temp: list[float] = positive([2.0, 0.5, 0.999995])
     """Gumbel temperature (start, end, decay per update)."""
     num_negatives: int= non_negative(100)
     """Distractors drawn from other masked frames of the same utterance."""
@@ -462,9 +462,9 @@ class OptimizationConfig:
     """Stop after this many updates (0 = no limit)."""
     max_epoch: int= non_negative(0)
     """Stop after this many epochs (0 = no limit)."""
-    lr: list[float]= positive([0.0005])
+    lr: list[float] = positive([0.0005])
     """Peak learning rate (a list, as fairseq stores it)."""
-    update_freq: list[int]= positive([1])
+    update_freq: list[int] = positive([1])
     """Gradient accumulation steps per update."""
     clip_norm: float= non_negative(0.0)
     """Gradient-norm clipping threshold (0 = off, fairseq's default)."""
@@ -478,7 +478,7 @@ class OptimizationConfig:
 class OptimizerConfig:
     _name: str = "adam"
     """Optimizer; only fairseq's Adam (decoupled weight decay) is used by the papers."""
-    adam_betas: list[float]= fraction([0.9, 0.98])
+    adam_betas: list[float] = fraction([0.9, 0.98])
     """Adam (beta1, beta2)."""
     adam_eps: float= non_negative(1e-6)
     """Adam epsilon, added to sqrt(v) before bias correction (fairseq)."""
