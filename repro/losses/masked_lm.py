@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-LN2 = math.log(2)
+from repro.losses.metrics import in_bits, with_counts
 
 
 def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -28,12 +26,5 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad: int) -> tup
 
 def reduce_masked_lm(totals: dict[str, float]) -> dict[str, float]:
     """fairseq's reduce_metrics: loss in bits per predicted token, ppl = 2**loss; plus MLM accuracy."""
-    sample_size = totals.get("sample_size", 0.0) or 1.0
-    loss = totals.get("loss", 0.0) / sample_size / LN2
-    metrics = {"loss": loss, "ppl": 2.0 ** min(loss, 1000.0)}
-    if totals.get("count"):
-        metrics["accuracy"] = totals["correct"] / totals["count"]
-    for key in ("ntokens", "nsentences", "sample_size"):
-        if key in totals:
-            metrics[key] = totals[key]
-    return metrics
+    loss = in_bits(totals.get("loss", 0.0), totals.get("sample_size", 0.0))
+    return with_counts({"loss": loss, "ppl": 2.0 ** min(loss, 1000.0)}, totals)

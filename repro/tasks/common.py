@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +23,9 @@ from torch import nn
 from repro.config import ModelConfig
 from repro.data.batching import batch_by_size, ordered_indices
 from repro.data.dataset import FileAudioDataset
+from repro.losses.metrics import LN2, in_bits, with_counts  # noqa: F401  (LN2: re-exported)
 
 log = logging.getLogger(__name__)
-
-LN2 = math.log(2)
-"""fairseq logs losses in bits: summed nats / sample_size / ln 2."""
 
 
 @dataclass
@@ -105,17 +102,12 @@ def plain(node: Any) -> dict[str, Any]:
 def reduce_contrastive(totals: dict[str, float]) -> dict[str, float]:
     """fairseq's wav2vec criterion reduce_metrics (wav2vec 2.0, wav2vec, vq-wav2vec): losses in bits per
     sample_size unit (masked frame / positive), accuracy (§2)."""
-    sample_size = totals.get("sample_size", 0.0) or 1.0
-    metrics = {"loss": totals.get("loss", 0.0) / sample_size / LN2}
+    sample_size = totals.get("sample_size", 0.0)
+    metrics = {"loss": in_bits(totals.get("loss", 0.0), sample_size)}
     for key in ("loss_0", "loss_1", "loss_2"):
         if key in totals:
-            metrics[key] = totals[key] / sample_size / LN2
-    if totals.get("count"):
-        metrics["accuracy"] = totals["correct"] / totals["count"]
-    for key in ("ntokens", "nsentences", "sample_size"):
-        if key in totals:
-            metrics[key] = totals[key]
-    return metrics
+            metrics[key] = in_bits(totals[key], sample_size)
+    return with_counts(metrics, totals)
 
 
 # --- audio data ---------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from repro.data.dictionary import Dictionary
 from repro.decode.viterbi import lengths_from_padding_mask, viterbi_decode
 from repro.decode.wer import edit_distance, post_process
 from repro.losses.ctc import ctc_loss
+from repro.losses.metrics import in_bits, with_counts
 from repro.models.ctc import Wav2Vec2CTC
 from repro.tasks.common import (
-    LN2,
     SplitData,
     TaskHooks,
     TaskSetup,
@@ -84,12 +84,10 @@ def greedy_errors(logits: torch.Tensor, frame_padding_mask: torch.Tensor | None,
 def reduce_ctc(totals: dict[str, float]) -> dict[str, float]:
     sample_size = totals.get("sample_size", 0.0) or 1.0
     ntokens = totals.get("ntokens", 0.0) or 1.0
-    metrics = {"loss": totals.get("loss", 0.0) / sample_size / LN2}
+    metrics = {"loss": in_bits(totals.get("loss", 0.0), sample_size)}
     if sample_size != ntokens:
-        metrics["nll_loss"] = totals.get("loss", 0.0) / ntokens / LN2
-    for key in ("ntokens", "nsentences", "sample_size"):
-        if key in totals:
-            metrics[key] = totals[key]
+        metrics["nll_loss"] = in_bits(totals.get("loss", 0.0), ntokens)
+    with_counts(metrics, totals)
     if "c_total" in totals:
         metrics["uer"] = 100.0 * totals["c_errors"] / max(totals["c_total"], 1.0)
         metrics["wer"] = 100.0 * totals["w_errors"] / max(totals["w_total"], 1.0)

@@ -149,3 +149,23 @@ def test_contrastive_loss_terms_and_accuracy():
     loss_flat, logs_flat = contrastive_loss(flat, None)
     assert logs_flat["correct"] == 0 and "loss_0" not in logs_flat
     assert math.isclose(loss_flat.item(), math.log(3), rel_tol=1e-6)
+
+
+def test_logged_metrics_share_fairseqs_tail():
+    """The three reducers log loss in bits per sample_size unit, accuracy = correct / count only when
+    something was counted, and the batch counts unchanged (fairseq's reduce_metrics)."""
+    from repro.losses.masked_lm import reduce_masked_lm
+    from repro.tasks.common import reduce_contrastive
+    from repro.tasks.ctc_finetuning import reduce_ctc
+
+    totals = {"loss": 40.0, "sample_size": 8.0, "ntokens": 8.0, "nsentences": 2.0, "correct": 3.0, "count": 4.0}
+    for reduce in (reduce_masked_lm, reduce_contrastive):
+        metrics = reduce(dict(totals))
+        assert math.isclose(metrics["loss"], 5.0 / math.log(2))
+        assert metrics["accuracy"] == 0.75
+        assert (metrics["ntokens"], metrics["nsentences"], metrics["sample_size"]) == (8.0, 2.0, 8.0)
+        assert "accuracy" not in reduce({**totals, "count": 0.0, "correct": 0.0})
+    ctc = reduce_ctc({"loss": 40.0, "sample_size": 2.0, "ntokens": 8.0, "nsentences": 2.0})
+    assert math.isclose(ctc["loss"], 20.0 / math.log(2)) and math.isclose(ctc["nll_loss"], 5.0 / math.log(2))
+    assert (ctc["ntokens"], ctc["nsentences"], ctc["sample_size"]) == (8.0, 2.0, 2.0) and "accuracy" not in ctc
+    assert reduce_contrastive({"loss": 1.0})["loss"] == 1.0 / math.log(2)  # no sample_size counts as 1
