@@ -25,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,13 +42,29 @@ LETTERS = list("|ETAOHNISRDLUMWCFGYPBVK'XJQZ")  # fairseq's LibriSpeech dict.ltr
 SAMPLE_RATE = 16_000
 
 
-def best_time(function, repeats: int) -> float:
-    best = float("inf")
+def best_of_rounds(run_ours: Callable[..., Any], run_theirs: Callable[[], Any], repeats: int,
+                   prepare_ours: Callable[[], Any] | None = None) -> tuple[float, float, Any, Any]:
+    """(ours' best seconds, theirs' best seconds, ours' last result, theirs' last result) over `repeats`
+    rounds, ours then theirs in each. `prepare_ours`, when given, runs untimed before each of ours' runs
+    and what it returns is passed to `run_ours` (a fresh output directory, say)."""
+    best = [float("inf"), float("inf")]
+    results: list[Any] = [None, None]
     for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - started)
-    return best
+        prepared = (prepare_ours(),) if prepare_ours is not None else ()
+        for side, run, arguments in ((0, run_ours, prepared), (1, run_theirs, ())):
+            started = time.perf_counter()
+            results[side] = run(*arguments)
+            best[side] = min(best[side], time.perf_counter() - started)
+    return best[0], best[1], results[0], results[1]
+
+
+def torchaudio_lexicon_decoder(lexicon: Path, lm: Path, dictionary: Dictionary, beam: int):
+    """The peer: torchaudio's flashlight `ctc_decoder` with the weights both benchmarks give ours."""
+    from torchaudio.models.decoder import ctc_decoder
+
+    return ctc_decoder(lexicon=str(lexicon), tokens=dictionary.symbols, lm=str(lm), nbest=1, beam_size=beam,
+                       beam_size_token=len(dictionary), beam_threshold=25.0, lm_weight=2.0, word_score=-1.0,
+                       unk_score=float("-inf"), sil_score=0.0, blank_token="<s>", sil_token="|", unk_word="<unk>")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,8 +216,6 @@ def synthetic_lexicon_and_lm(directory: Path, num_words: int, rng: np.random.Gen
 
 
 def bench_beam(num_words: int, utterances: int, beam: int, repeats: int) -> float:
-    from torchaudio.models.decoder import ctc_decoder
-
     rng = np.random.default_rng(1)
     dictionary = Dictionary.from_symbols(LETTERS)
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
@@ -208,27 +224,15 @@ def bench_beam(num_words: int, utterances: int, beam: int, repeats: int) -> floa
         weights = dict(lm_weight=2.0, word_score=-1.0, sil_weight=0.0, unk_weight=float("-inf"))
         ours = LexiconBeamDecoder(dictionary, lexicon, "kenlm", arpa, beam=beam, beam_threshold=25.0,
                                   beam_size_token=len(dictionary), **weights)
-        theirs = ctc_decoder(lexicon=str(lexicon), tokens=dictionary.symbols, lm=str(arpa), nbest=1, beam_size=beam,
-                             beam_size_token=len(dictionary), beam_threshold=25.0, lm_weight=2.0, word_score=-1.0,
-                             unk_score=float("-inf"), sil_score=0.0, blank_token="<s>", sil_token="|",
-                             unk_word="<unk>")
-        ours_words: list[list[str]] = []
-        theirs_words: list[list[str]] = []
+        theirs = torchaudio_lexicon_decoder(lexicon, arpa, dictionary, beam)
 
-        def run_ours():
-            ours_words.clear()
-            for emission in emissions:
-                ours_words.append(ours.decode(emission[None])[0][0].words)
+        def run_ours() -> list[list[str]]:
+            return [ours.decode(emission[None])[0][0].words for emission in emissions]
 
-        def run_theirs():
-            theirs_words.clear()
-            for emission in emissions:
-                theirs_words.append([w for w in theirs(emission[None])[0][0].words])
+        def run_theirs() -> list[list[str]]:
+            return [list(theirs(emission[None])[0][0].words) for emission in emissions]
 
-        ours_time = theirs_time = float("inf")
-        for _ in range(repeats):
-            ours_time = min(ours_time, best_time(run_ours, 1))
-            theirs_time = min(theirs_time, best_time(run_theirs, 1))
+        ours_time, theirs_time, ours_words, theirs_words = best_of_rounds(run_ours, run_theirs, repeats)
     agree = sum(a == b for a, b in zip(ours_words, theirs_words)) / len(emissions)
     frames = sum(e.shape[0] for e in emissions)
     print(f"(b) lexicon beam + KenLM 4-gram, {num_words} words, {utterances} utterances ({frames} frames), beam {beam}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,16 @@ def time_steps(step, steps: int, device: str) -> tuple[float, float]:
     return best, peak
 
 
+def step_closures(forwards: dict, device: str) -> dict:
+    """{name: (model, loss_of(model))} -> {name: (forward, optimizer)}: each model on `device` in train mode
+    with its own Adam; `forward()` returns that model's loss on the shared batch."""
+    closures = {}
+    for name, (model, loss_of) in forwards.items():
+        model.to(device).train()
+        closures[name] = (functools.partial(loss_of, model), _adam(model, device))
+    return closures
+
+
 def pretraining_pair(cfg, batch: int, samples: int, device: str):
     """(ours, hf) step closures on the same weights, batch, mask and negatives."""
     from benchmarks.bench_pretrain_step import _build
@@ -77,18 +88,14 @@ def pretraining_pair(cfg, batch: int, samples: int, device: str):
     hf, _, hf_mask, hf_negatives = _build("hf", batch, samples, seed=0)
     source, mask, negatives = source.to(device), mask.to(device), negatives.to(device)
     hf_mask, hf_negatives = hf_mask.to(device), hf_negatives.to(device)
-    closures = {}
-    for name, model in (("ours", ours), ("hf", hf)):
-        model.to(device).train()
-        optimizer = _adam(model, device)
-        if name == "ours":
-            def forward(model=model):
-                return contrastive_loss(model(source, mask_indices=mask, negative_indices=negatives), [0.1, 10.0])[0]
-        else:
-            def forward(model=model):
-                return model(source, mask_time_indices=hf_mask, sampled_negative_indices=hf_negatives).loss
-        closures[name] = (forward, optimizer)
-    return closures
+
+    def ours_loss(model):
+        return contrastive_loss(model(source, mask_indices=mask, negative_indices=negatives), [0.1, 10.0])[0]
+
+    def hf_loss(model):
+        return model(source, mask_time_indices=hf_mask, sampled_negative_indices=hf_negatives).loss
+
+    return step_closures({"ours": (ours, ours_loss), "hf": (hf, hf_loss)}, device)
 
 
 def finetuning_pair(cfg, batch: int, samples: int, device: str):
@@ -111,20 +118,16 @@ def finetuning_pair(cfg, batch: int, samples: int, device: str):
     target_length = samples // SAMPLE_RATE * 15  # ~15 letters per second of speech
     targets = torch.randint(5, VOCAB, (batch, target_length), generator=generator).to(device)
     target_lengths = torch.full((batch,), target_length, device=device)
-    closures = {}
-    for name, model in (("ours", ours), ("hf", hf)):
-        model.to(device).train()
-        optimizer = _adam(model, device)
-        if name == "ours":
-            def forward(model=model):
-                logits, padding = model(source)
-                return ctc_loss(logits, padding, targets, target_lengths, blank=0, pad=1, eos=2,
-                                zero_infinity=True, sentence_avg=False)[0]
-        else:
-            def forward(model=model):
-                return model(source, labels=targets).loss
-        closures[name] = (forward, optimizer)
-    return closures, ours, hf, source
+
+    def ours_loss(model):
+        logits, padding = model(source)
+        return ctc_loss(logits, padding, targets, target_lengths, blank=0, pad=1, eos=2, zero_infinity=True,
+                        sentence_avg=False)[0]
+
+    def hf_loss(model):
+        return model(source, labels=targets).loss
+
+    return step_closures({"ours": (ours, ours_loss), "hf": (hf, hf_loss)}, device), ours, hf, source
 
 
 def run_pair(title: str, closures: dict, flops_per_step: float, steps: int, device: str, dtype: str,

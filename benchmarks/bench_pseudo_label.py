@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.bench_decode import LETTERS, noisy_emissions, synthetic_lexicon_and_lm
+from benchmarks.bench_decode import (
+    LETTERS,
+    best_of_rounds,
+    noisy_emissions,
+    synthetic_lexicon_and_lm,
+    torchaudio_lexicon_decoder,
+)
 from repro.checkpoints.format import atomic_save, model_file
 from repro.data.dictionary import Dictionary
 from repro.data.manifest import ManifestEntry, format_manifest
@@ -40,8 +44,6 @@ SAMPLES_PER_FRAME = 320
 
 
 def bench(num_words: int, utterances: int, beam: int, repeats: int) -> float:
-    from torchaudio.models.decoder import ctc_decoder
-
     rng = np.random.default_rng(2)
     dictionary = Dictionary.from_symbols(LETTERS)
     with tempfile.TemporaryDirectory(prefix="bench-pseudo-label-") as tmp:
@@ -81,26 +83,16 @@ def bench(num_words: int, utterances: int, beam: int, repeats: int) -> float:
             save_cached_emissions(out / "emissions" / f"{shard.name}.pt", key, emissions)
             return setup
 
+        def run_ours(setup: LabelingSetup) -> list[str]:
+            label_shard(setup, shard, progress=False)
+            return (Path(setup.output_dir) / "shards" / f"{shard.name}.wrd").read_text().split("\n")[:-1]
+
         def run_theirs() -> list[str]:  # a labelling job builds its decoder too: construction is timed
-            decoder = ctc_decoder(lexicon=str(lexicon), tokens=dictionary.symbols, lm=str(binary), nbest=1,
-                                  beam_size=beam, beam_size_token=len(dictionary), beam_threshold=25.0, lm_weight=2.0,
-                                  word_score=-1.0, unk_score=float("-inf"), sil_score=0.0, blank_token="<s>",
-                                  sil_token="|", unk_word="<unk>")
+            decoder = torchaudio_lexicon_decoder(lexicon, binary, dictionary, beam)
             return [" ".join(decoder(emission[None])[0][0].words) for emission in emissions]
 
-        ours_time = theirs_time = float("inf")
-        ours_words: list[str] = []
-        theirs_words: list[str] = []
-        for _ in range(repeats):
-            setup = fresh_setup()
-            started = time.perf_counter()
-            label_shard(setup, shard, progress=False)
-            ours_time = min(ours_time, time.perf_counter() - started)
-            ours_words = (Path(setup.output_dir) / "shards" / f"{shard.name}.wrd").read_text().split("\n")[:-1]
-            shutil.rmtree(setup.output_dir)
-            started = time.perf_counter()
-            theirs_words = run_theirs()
-            theirs_time = min(theirs_time, time.perf_counter() - started)
+        ours_time, theirs_time, ours_words, theirs_words = best_of_rounds(run_ours, run_theirs, repeats,
+                                                                          prepare_ours=fresh_setup)
     agree = sum(a == b for a, b in zip(ours_words, theirs_words)) / utterances
     print(f"pseudo-labelling, 4-gram lexicon beam on CPU ({torch.get_num_threads()} threads): {num_words} words, "
           f"{utterances} utterances ({audio_seconds:.0f} s of audio at {FRAMES_PER_SECOND} frames/s), beam {beam}")

@@ -27,7 +27,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int = 32, **overrides):
     kwargs = hf_config_dict(cfg, kind, vocab_size)
     for key in ("architectures", "model_type"):
         kwargs.pop(key)
-    kwargs.update(mask_time_prob=0.05, final_dropout=0.0, **overrides)
+    kwargs.update({"mask_time_prob": 0.05, "final_dropout": 0.0, **overrides})  # overrides win
     return Wav2Vec2Config(**kwargs)
 
 
