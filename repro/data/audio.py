@@ -22,6 +22,16 @@ class AudioError(RuntimeError):
         self.reason = reason
 
 
+UNKNOWN_LENGTH_FRAMES = 2**63 - 1
+"""libsndfile's SF_COUNT_MAX: the frame count it reports when a header does not say (a FLAC written to a
+stream or pipe leaves STREAMINFO's total-samples field 0)."""
+UNKNOWN_LENGTH = (
+    "length unknown: the header has no total-sample count (a FLAC written to a stream?) and libsndfile cannot "
+    "read such a file to its end; re-encode it (e.g. `flac -d -c F | flac -o F2 -`, or soundfile.write)"
+)
+"""Why a file of unknown length is left out of manifests and refused by training."""
+
+
 def read_audio(
     path: str | Path,
     expected_sample_rate: int | None = 16_000,
@@ -39,6 +49,8 @@ def read_audio(
         with soundfile.SoundFile(str(path)) as sound_file:
             sample_rate = sound_file.samplerate
             header_frames = sound_file.frames
+            if header_frames >= UNKNOWN_LENGTH_FRAMES:
+                raise AudioError(path, UNKNOWN_LENGTH)
             if expected_sample_rate is not None and sample_rate != expected_sample_rate:
                 raise AudioError(
                     path, f"sample rate {sample_rate} Hz, expected {expected_sample_rate} Hz (no resampling)"

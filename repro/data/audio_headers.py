@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import soundfile
 from tqdm import tqdm
 
-from repro.data.audio import AudioError
+from repro.data.audio import UNKNOWN_LENGTH, UNKNOWN_LENGTH_FRAMES, AudioError
 
 if TYPE_CHECKING:
     from repro.data.dataset import FileAudioDataset
@@ -67,7 +67,7 @@ class AudioCheckError(AudioError):
 
 
 def read_header(path: str | Path) -> HeaderResult:
-    """The header of `path`, or a one-line reason it is unusable (unreadable, 0 frames)."""
+    """The header of `path`, or a one-line reason it is unusable (unreadable, 0 frames, length unknown)."""
     header = parse_header(path)
     if header is None:
         try:
@@ -76,6 +76,8 @@ def read_header(path: str | Path) -> HeaderResult:
         except Exception as error:  # any failure of libsndfile means "unreadable"
             message = " ".join(str(error).split()) or type(error).__name__
             return f"unreadable: {message}"
+    if header.frames >= UNKNOWN_LENGTH_FRAMES:  # not a length: fairseq would write 2**63-1 into the manifest
+        return UNKNOWN_LENGTH
     return header if header.frames > 0 else "holds 0 frames"
 
 

@@ -11,7 +11,10 @@ Differences, all deliberate:
 * headers are read in parallel (a process pool over chunks of files), with a progress bar;
 * files at another sample rate than `--sample-rate` (16 kHz) or with several channels are written
   (fairseq writes them) and reported: training refuses the first and averages the second to mono;
-* a file soundfile cannot read, or that holds 0 frames, is reported (stderr and
+* a file soundfile cannot read, that holds 0 frames, or whose length is unknown (a FLAC written to a
+  stream: its header has no total-sample count, soundfile reports 2**63-1 frames, which fairseq writes
+  as the length; libsndfile cannot decode such a file to its end either, so it is not measured by
+  decoding but named with how to re-encode it) is reported (stderr and
   `skipped.tsv`: `path<TAB>error`) and left out, where fairseq would crash; it takes no random
   draw, so the manifests equal fairseq's on the tree without the bad files. `--strict` turns
   any such file into an error (exit 1, no manifest written).

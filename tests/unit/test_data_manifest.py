@@ -174,3 +174,31 @@ def test_links_are_followed_and_named_by_real_path(tmp_path: Path) -> None:
         "../outside/x.flac\t321",
         "../other/sub/y.flac\t123",
     ]
+
+
+def write_flac_of_unknown_length(path: Path, num_samples: int) -> None:
+    """A FLAC as written to a stream: STREAMINFO's 36-bit total-samples field left 0 (length unknown)."""
+    write_flac(path, num_samples, seed=7)
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO first; its body starts at byte 8
+    packed = int.from_bytes(data[18:26], "big")  # rate (20 bits), channels, bits, total samples (36 bits)
+    assert packed & ((1 << 36) - 1) == num_samples
+    data[18:26] = (packed & ~((1 << 36) - 1)).to_bytes(8, "big")
+    path.write_bytes(bytes(data))
+
+
+def test_flac_of_unknown_length_is_named_and_left_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    expected = make_tree(tmp_path / "audio", 3)
+    streamed = tmp_path / "audio" / "streamed.flac"
+    write_flac_of_unknown_length(streamed, 4000)
+    with soundfile.SoundFile(streamed) as sound_file:
+        assert sound_file.frames == 2**63 - 1  # what soundfile reports, and fairseq would write
+    assert run_manifest(tmp_path / "audio", tmp_path / "out", "--valid-percent", "0") == 0
+    lines = (tmp_path / "out" / "train.tsv").read_text().splitlines()[1:]
+    assert lines == [f"{rel}\t{n}" for rel, n in sorted(expected.items())]  # no 9223372036854775807 row
+    skipped = (tmp_path / "out" / "skipped.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in skipped] == [str(streamed.resolve())]
+    assert skipped[0].split("\t")[1].startswith("length unknown")
+    assert f"{streamed.resolve()}: length unknown" in capsys.readouterr().err
+    with pytest.raises(AudioError, match="length unknown"):  # training refuses it with the same reason
+        read_audio(streamed)
