@@ -280,8 +280,9 @@ def run_evaluate(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[st
             if labels == PHONE_LABELS:  # TIMIT: the units are phones, their error rate is the PER (Table 3)
                 metrics["per"] = score.uer
             summary.setdefault(split_name, {})[name] = metrics
+            # once, through logging: the app's handlers put it on the terminal and in the run's log file
+            # (a print beside it showed every line twice)
             log.info("%s/%s: %s", split_name, name, _metrics_text(metrics))
-            print(f"{split_name}/{name}: {_metrics_text(metrics)}")
             if tracker is not None:
                 tracker.log_metrics(metrics, step=0, split=f"{split_name}/{name}")
     eval_dir.mkdir(parents=True, exist_ok=True)

@@ -142,3 +142,5 @@ def test_first_run_says_it_creates_the_tracking_store_and_checks_the_audio(demo_
     assert "did not answer" not in first_output and "did not answer" not in second_output
     assert "creating the embedded store" not in second_output
     assert "audio check: " in first_output
+    # each evaluation line once on the terminal (4 fine-tuning runs: 10m and 1h, pretrained and scratch)
+    assert first_output.count("dev_other/viterbi: WER ") == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from repro.models.ctc import Wav2Vec2CTC
 from repro.models.presets import PRESETS
 from repro.tools import infer
 
+REPO = Path(__file__).resolve().parents[2]
 LETTERS = list("|EOTAHNS")
 TRANSCRIPTS = ["THE HAT", "NO", "A HOT SEA", "TEN HENS"]
 LEXICON_WORDS = ["THE", "HAT", "NO", "A", "HOT", "SEA", "TEN", "HENS", "ON", "SET"]
@@ -177,3 +179,20 @@ def test_run_evaluate_logs_every_setup_and_reuses_cached_emissions(corpus, tmp_p
     cfg.decodings["kenlm_4gram"]["lm_weight"] = 0.0
     again = evaluate.run_evaluate(cfg, tmp_path / "run", RecordingTracker())
     assert again["dev_other"]["viterbi"] == summary["dev_other"]["viterbi"]
+
+
+def test_the_app_shows_each_evaluation_line_once(corpus, tmp_path):
+    """Under the Hydra app the WER line reaches the terminal once (it used to be logged and printed)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "repro", "experiment=demo_finetune", "stage=evaluate", "tracker=none",
+         f"checkpoint={corpus['checkpoint']}", f"task.data={corpus['data']}", "paper.eval_splits=[dev_other]",
+         f"decodings.kenlm_4gram.lm_model={corpus['arpa']}", f"decodings.kenlm_4gram.lexicon={corpus['lexicon']}",
+         "decodings.kenlm_4gram.beam=20", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    terminal = (result.stdout + result.stderr).splitlines()
+    for decoding in ("viterbi", "kenlm_4gram"):
+        assert sum(f"dev_other/{decoding}: WER " in line for line in terminal) == 1, "\n".join(terminal)
+    logged = (tmp_path / "run" / "cli.log").read_text()  # and the run's log file keeps it
+    assert logged.count("dev_other/viterbi: WER ") == 1
