@@ -21,6 +21,9 @@ class AudioError(RuntimeError):
         self.path = str(path)
         self.reason = reason
 
+    def __reduce__(self):  # picklable (rank 0 sends a refusal to the other ranks): rebuilt from path and reason
+        return type(self), (self.path, self.reason)
+
 
 UNKNOWN_LENGTH_FRAMES = 2**63 - 1
 """libsndfile's SF_COUNT_MAX: the frame count it reports when a header does not say (a FLAC written to a

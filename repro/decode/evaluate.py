@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from repro.config import DecodeConfig
+from repro.data.audio_headers import check_split_audio
 from repro.data.batching import batch_by_size, ordered_indices
 from repro.data.dataset import FileAudioDataset, load_labels
 from repro.data.dictionary import Dictionary
@@ -255,15 +256,21 @@ def run_evaluate(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[st
     cache_dir = Path(cfg.common_eval.emissions_cache or eval_dir / "emissions")
     post_process = cfg.common_eval.post_process
     summary: dict[str, dict[str, dict[str, float]]] = {}
+    splits: list[SplitData] = []
     for split_name in cfg.paper.eval_splits:
         extension = "tsv" if units is None else cfg.task.source_ext
         if not (Path(cfg.task.data) / f"{split_name}.{extension}").exists():
             log.warning("split %s has no %s file in %s; skipped", split_name, extension, cfg.task.data)
             continue
         if units is None:
-            split = load_split(cfg.task.data, split_name, dictionary, labels, normalize, cfg.task.sample_rate)
+            splits.append(load_split(cfg.task.data, split_name, dictionary, labels, normalize, cfg.task.sample_rate))
         else:
-            split = load_unit_split(cfg.task.data, split_name, units, dictionary, labels, cfg.task.source_ext)
+            splits.append(load_unit_split(cfg.task.data, split_name, units, dictionary, labels, cfg.task.source_ext))
+    for split in splits:  # every bad audio file named by manifest line before any emission is computed
+        if isinstance(split.dataset, FileAudioDataset):
+            check_split_audio(split.dataset)
+    for split in splits:
+        split_name = split.name
         key = emissions_cache_key(checkpoint_path, split.manifest_path, normalize)
         cache_path = cache_dir / f"{split_name}.pt"
         emissions = load_cached_emissions(cache_path, key)

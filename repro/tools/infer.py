@@ -19,6 +19,8 @@ import torch
 from repro.checkpoints.fairseq import load
 from repro.checkpoints.format import CheckpointError
 from repro.config import DecodeConfig
+from repro.data.audio import AudioError
+from repro.data.audio_headers import check_split_audio
 from repro.decode.evaluate import (
     EvaluationError,
     compute_emissions,
@@ -87,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
                              else (loaded.task_cfg or {}).get("normalize", False))
         decoder = build_decoder(decode_config_from_args(args), dictionary, device)
         split = load_split(args.data, args.gen_subset, dictionary, args.labels, normalize)
-    except (CheckpointError, EvaluationError, LexiconError, ValueError, OSError) as error:
+        check_split_audio(split.dataset, progress=not args.quiet)  # bad files named by line, before decoding
+    except (CheckpointError, EvaluationError, LexiconError, AudioError, ValueError, OSError) as error:
         print(f"infer: {error}", file=sys.stderr)
         return 1
     emissions = compute_emissions(loaded.model, split.dataset, args.max_tokens, device, progress=not args.quiet)

@@ -1,7 +1,7 @@
 """torch.distributed set-up from SLURM (as submitit sets it) or torchrun variables.
 
-One process per GPU (or per CPU worker in tests). Rank 0 alone logs metrics and writes
-checkpoints; every rank computes. `effective_update_freq` keeps the paper's effective batch
+One process per GPU (or per CPU worker in tests). Rank 0 alone logs metrics, writes checkpoints
+and runs the checks before training (`check_on_master`); every rank computes. `effective_update_freq` keeps the paper's effective batch
 when an experiment runs on fewer GPUs than the paper used (fairseq README: simulate N GPUs with
 world_size=k and update_freq=N/k).
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +187,43 @@ def all_reduce_sum(values: list[float], context: DistributedContext) -> list[flo
     tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def broadcast_from_master(obj: object, context: DistributedContext) -> object:
+    """Rank 0's `obj` on every rank (what the others pass is ignored)."""
+    if not context.is_distributed:
+        return obj
+    payload = [obj]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def check_on_master(check: Callable[[], None], context: DistributedContext,
+                    broadcast: Callable[[object, DistributedContext], object] = broadcast_from_master) -> None:
+    """Run `check` (which raises to refuse) on rank 0 alone; every other rank waits for its outcome and raises
+    the same refusal, so all ranks stop together (none is left waiting at its first collective) and the work,
+    e.g. reading every audio header of a split, is not repeated once per rank."""
+    refusal: Exception | None = None
+    if context.is_master:
+        try:
+            check()
+        except Exception as error:  # noqa: BLE001  (any refusal must reach the waiting ranks)
+            refusal = error
+    if context.is_distributed:
+        sent = broadcast(_picklable(refusal) if context.is_master else None, context)
+        if not context.is_master:
+            refusal = sent  # type: ignore[assignment]
+    if refusal is not None:
+        raise refusal
+
+
+def _picklable(error: Exception | None) -> Exception | None:
+    """`error` itself when it pickles (AudioError and the built-in errors do), else a RuntimeError saying it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"rank 0: {type(error).__name__}: {error}")
 
 
 def all_gather_objects(obj: object, context: DistributedContext) -> list[object]:

@@ -22,7 +22,7 @@ from repro.data.dataset import FileAudioDataset
 from repro.tasks import task_module
 from repro.tasks.common import SplitData, model_config  # noqa: F401  (model_config: public helper)
 from repro.train.checkpoint import CheckpointManager
-from repro.train.distributed import DistributedContext, init_distributed
+from repro.train.distributed import DistributedContext, check_on_master, init_distributed
 from repro.train.self_training import retraining_config
 from repro.train.trainer import Trainer
 
@@ -40,15 +40,21 @@ def run_training(cfg: DictConfig, run_dir: Path, tracker: Any, stage: str) -> di
         resume = CheckpointManager(Path(run_dir) / cfg.checkpoint.save_dir).load_latest(expected_kind=task.KIND)
         torch.manual_seed(int(cfg.common.seed))  # the initial weights
         setup = task.build(cfg, resume[0] if resume else None)
-        for split in (setup.train, *setup.valid):  # a bad audio file is named now, not when its batch comes
-            if isinstance(split.dataset, FileAudioDataset):  # unit files (masked_lm, roberta_ctc) have no audio
-                check_split_audio(split.dataset, progress=context.is_master)
+        # a bad audio file is named now, not when its batch comes; by rank 0 alone, the others get its verdict
+        check_on_master(lambda: check_audio(setup.train, *setup.valid), context)
         trainer = Trainer(cfg, setup.model, setup.hooks, setup.train, setup.valid, Path(run_dir), tracker, context)
         _announce(trainer, stage, setup.train)
         metrics = trainer.fit(preloaded=resume)
         return {"num_updates": trainer.num_updates, "valid": metrics, "best": trainer.best_metric}
     finally:
         context.shutdown()
+
+
+def check_audio(*splits: SplitData) -> None:
+    """The audio headers of every split that reads audio (unit files of masked_lm / roberta_ctc have none)."""
+    for split in splits:
+        if isinstance(split.dataset, FileAudioDataset):
+            check_split_audio(split.dataset)
 
 
 def run_pretrain(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 
 from repro.checkpoints.format import atomic_save, model_file
 from repro.config import ReproConfig
+from repro.data.audio_headers import AudioCheckError
 from repro.data.dictionary import Dictionary
 from repro.decode import evaluate
 from repro.decode.viterbi import viterbi_decode
@@ -196,3 +198,37 @@ def test_the_app_shows_each_evaluation_line_once(corpus, tmp_path):
         assert sum(f"dev_other/{decoding}: WER " in line for line in terminal) == 1, "\n".join(terminal)
     logged = (tmp_path / "run" / "cli.log").read_text()  # and the run's log file keeps it
     assert logged.count("dev_other/viterbi: WER ") == 1
+
+
+def test_evaluation_checks_the_audio_of_every_split_before_any_emission(corpus, tmp_path, monkeypatch, capsys):
+    """A file at another rate in the second split stops evaluation, named by manifest line, before the first
+    split's emissions are computed; `infer` names it the same way."""
+    data = tmp_path / "data"
+    shutil.copytree(corpus["data"], data)
+    audio = Path((data / "dev_other.tsv").read_text().splitlines()[0])
+    bad = tmp_path / "bad_audio"
+    shutil.copytree(audio, bad)
+    manifest_rows = (data / "dev_other.tsv").read_text().splitlines()
+    (data / "test_other.tsv").write_text("\n".join([str(bad), *manifest_rows[1:]]) + "\n")
+    shutil.copy(data / "dev_other.ltr", data / "test_other.ltr")
+    frames = soundfile.info(str(bad / "utt2.wav")).frames
+    soundfile.write(bad / "utt2.wav", np.zeros(frames, np.float32), 8000)  # same length, another rate
+    cfg = OmegaConf.structured(ReproConfig)
+    cfg.task.data, cfg.task.labels, cfg.common.cpu = str(data), "ltr", True
+    cfg.common_eval.path = str(corpus["checkpoint"])
+    cfg.paper.eval_splits = ["dev_other", "test_other"]
+    cfg.decodings = {"viterbi": {"type": "viterbi"}}
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("emissions computed before the audio check")
+
+    monkeypatch.setattr(evaluate, "compute_emissions", must_not_run)
+    monkeypatch.setenv("REPRO_CACHE_DIR", str(tmp_path / "cache"))
+    named = f"{data / 'test_other.tsv'}:4: {bad / 'utt2.wav'}: sample rate 8000 Hz, expected 16000 Hz"
+    with pytest.raises(AudioCheckError) as refused:
+        evaluate.run_evaluate(cfg, tmp_path / "run", RecordingTracker())
+    assert named in str(refused.value)
+    assert not (tmp_path / "run" / "eval" / "emissions").exists()
+    monkeypatch.setattr(infer, "compute_emissions", must_not_run)
+    assert run_infer([str(data), "--path", str(corpus["checkpoint"]), "--gen-subset", "test_other", "--cpu"]) == 1
+    assert named in capsys.readouterr().err

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
-from repro.train.distributed import detect_env, effective_update_freq, first_slurm_host
+from repro.data.audio_headers import AudioCheckError
+from repro.train.distributed import (
+    DistributedContext,
+    check_on_master,
+    detect_env,
+    effective_update_freq,
+    first_slurm_host,
+)
 
 
 def test_slurm_variables_as_submitit_sets_them():
@@ -37,3 +46,51 @@ def test_effective_update_freq_keeps_the_paper_batch():
     assert effective_update_freq(None, 3, 2) == 2
     with pytest.raises(ValueError, match="not a multiple"):
         effective_update_freq(64, 3, 1)
+
+
+def test_only_rank_zero_checks_and_every_rank_raises_its_refusal():
+    """check_on_master: rank 0 runs the check and sends its outcome; the others do not run it and raise what
+    rank 0 sent (an AudioCheckError survives the pickling broadcast_object_list does)."""
+    refusal = AudioCheckError("/data/valid.tsv", "1 of 3 audio files cannot be used:\n  /data/valid.tsv:4: x.wav: ...")
+    sent: list[object] = []
+
+    def rank_zero_sends(obj, context):
+        assert context.is_master
+        sent.append(pickle.loads(pickle.dumps(obj)))  # what the wire carries
+        return obj
+
+    def refuses():
+        raise refusal
+
+    master = DistributedContext(rank=0, world_size=4)
+    with pytest.raises(AudioCheckError) as raised:
+        check_on_master(refuses, master, broadcast=rank_zero_sends)
+    assert raised.value is refusal and str(sent[0]) == str(refusal) and isinstance(sent[0], AudioCheckError)
+
+    calls: list[str] = []
+    check_on_master(lambda: calls.append("checked"), master, broadcast=rank_zero_sends)
+    assert calls == ["checked"] and sent[-1] is None  # a passed check sends None: nobody raises
+
+    def must_not_run():
+        raise AssertionError("only rank 0 reads the headers")
+
+    other = DistributedContext(rank=3, world_size=4)
+    with pytest.raises(AudioCheckError) as received:
+        check_on_master(must_not_run, other, broadcast=lambda obj, context: sent[0])
+    assert str(received.value) == str(refusal)
+    check_on_master(must_not_run, other, broadcast=lambda obj, context: None)  # rank 0 found nothing wrong
+
+    single = DistributedContext()  # one process: it checks, nothing is sent
+    check_on_master(lambda: calls.append("alone"), single, broadcast=lambda obj, context: pytest.fail("sent"))
+    assert calls[-1] == "alone"
+
+    class Unpicklable(Exception):
+        def __reduce__(self):
+            raise TypeError("no")
+
+    def refuses_oddly():
+        raise Unpicklable("odd")
+
+    with pytest.raises(Unpicklable):
+        check_on_master(refuses_oddly, master, broadcast=rank_zero_sends)
+    assert isinstance(sent[-1], RuntimeError) and "Unpicklable: odd" in str(sent[-1])
