@@ -4,6 +4,9 @@ Files (fairseq's vq-wav2vec featurize output and `preprocess --only-source` inpu
 
 * `<split>.src`: one utterance per line, space-separated code strings such as `12-304`
   (the indices of the two quantizer groups);
+* `<split>.lbl`: the line of `<split>.<labels>` (e.g. `.ltr`) of each utterance, as vq-wav2vec_featurize.py
+  copies it with `--labels` (and `repro.tools tokenize` does); CTC fine-tuning reads `<split>.<labels>`
+  when present, else this file (`unit_labels_path`);
 * `dict.txt`: `<code> <count>` lines, fairseq's Dictionary format. Indices are fairseq's: `<s> <pad>
   </s> <unk>` = 0..3, the codes in file order, then the masked_lm task appends `<mask>`.
 
@@ -25,6 +28,24 @@ from repro.data.dictionary import Dictionary
 from repro.data.lines import read_lines
 
 MASK_SYMBOL = "<mask>"
+
+
+TOKENIZED_LABELS_EXT = "lbl"
+"""The extension vq-wav2vec_featurize.py (and our tokenize) gives the label lines it copies beside `.src`."""
+
+
+def unit_labels_path(data_dir: str | Path, split: str, labels: str) -> Path:
+    """The label file of a unit split: `<split>.<labels>` (e.g. train.ltr), else `<split>.lbl`, what the
+    tokenizer writes beside `<split>.src`; FileNotFoundError naming both when neither exists."""
+    data_dir = Path(data_dir)
+    own, tokenized = data_dir / f"{split}.{labels}", data_dir / f"{split}.{TOKENIZED_LABELS_EXT}"
+    for path in (own, tokenized):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{own}: label file of split {split!r} not found (nor {tokenized.name}, what `repro.tools tokenize "
+        f"--labels {labels}` writes beside {split}.src)"
+    )
 
 
 class UnitFileError(ValueError):
@@ -268,7 +289,7 @@ class MaskedUnitDataset(UnitDataset):
 
 
 class LabeledUnitDataset(UnitDataset):
-    """Unit utterances with letter targets for CTC (`<split>.src` beside `<split>.ltr`, line by line).
+    """Unit utterances with letter targets for CTC (`<split>.src` beside `<split>.ltr` or `.lbl`, line by line).
 
     `labels` has one entry per line of the unit file; the skipped lines' labels are dropped with them.
     """

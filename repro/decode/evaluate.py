@@ -27,7 +27,7 @@ from repro.data.audio_headers import check_split_audio
 from repro.data.batching import batch_by_size, ordered_indices
 from repro.data.dataset import FileAudioDataset, load_labels
 from repro.data.dictionary import Dictionary
-from repro.data.units import LabeledUnitDataset
+from repro.data.units import LabeledUnitDataset, unit_labels_path
 from repro.decode.lexicon import build_decoder
 from repro.decode.viterbi import lengths_from_padding_mask
 from repro.decode.wer import CorpusScore, UtteranceResult, score_results, units_to_words, write_results
@@ -87,9 +87,10 @@ def load_unit_split(data_dir: str | Path, split: str, units: Dictionary, diction
                     labels: str | None, source_ext: str) -> SplitData:
     """`<data>/<split>.<source_ext>` units (RoBERTa CTC models) with their `<split>.<labels>` references."""
     source = Path(data_dir) / f"{split}.{source_ext}"
-    label_path = Path(data_dir) / f"{split}.{labels or 'ltr'}"
-    if not label_path.exists():
-        raise EvaluationError(f"label file {label_path} does not exist (needed to score split {split!r})")
+    try:
+        label_path = unit_labels_path(data_dir, split, labels or "ltr")
+    except FileNotFoundError as error:
+        raise EvaluationError(f"{error} (needed to score split {split!r})") from None
     line_count = sum(1 for _ in source.open(encoding="utf-8"))
     references = load_labels(label_path, dictionary, set(), line_count, source)
     dataset = LabeledUnitDataset(source, units, references, dictionary.pad)

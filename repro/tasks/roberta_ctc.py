@@ -1,7 +1,8 @@
 """CTC fine-tuning of RoBERTa on discrete units (task `audio_finetuning`, model `roberta_ctc`; arXiv 1911.03912).
 
 Data: `<task.data>/<split>.<task.source_ext>` units (encoded with the pretrained model's dict.txt) and
-`<split>.<task.labels>` letter targets line by line, `dict.<labels>.txt`. Model: RobertaCTC from the
+`<split>.<task.labels>` letter targets line by line (else `<split>.lbl`, the tokenizer's copy of them),
+`dict.<labels>.txt` (tokenize copies it beside the units). Model: RobertaCTC from the
 RoBERTa of `model.w2v_path` (fairseq's bert_kmeans or ours), from the resumed run, or random with
 `model.no_pretrained_weights` (units from `<task.data>/dict.txt`; the paper's "no BERT" ablation).
 Loss and validation metrics: the CTC task's (repro.tasks.ctc_finetuning).
@@ -19,7 +20,7 @@ from repro.checkpoints.fairseq import load as load_pretrained
 from repro.config import ModelConfig
 from repro.data.dataset import load_labels
 from repro.data.dictionary import Dictionary
-from repro.data.units import MASK_SYMBOL, LabeledUnitDataset, load_unit_dictionary
+from repro.data.units import MASK_SYMBOL, LabeledUnitDataset, load_unit_dictionary, unit_labels_path
 from repro.models.ctc import merge_finetune_config
 from repro.models.roberta import RobertaCTC
 from repro.tasks.common import SplitData, TaskSetup, make_batches, model_config, valid_splits
@@ -36,7 +37,7 @@ def labeled_unit_split(cfg: DictConfig, split: str, units: Dictionary, letters: 
     if not source.is_file():
         raise FileNotFoundError(f"{source}: unit file of split {split!r} not found (task.data={cfg.task.data})")
     line_count = sum(1 for _ in source.open(encoding="utf-8"))
-    labels = load_labels(data / f"{split}.{cfg.task.labels}", letters, set(), line_count, source)
+    labels = load_labels(unit_labels_path(data, split, cfg.task.labels), letters, set(), line_count, source)
     dataset = LabeledUnitDataset(source, units, labels, letters.pad, max_positions,
                                  skip_too_long=validation and bool(cfg.dataset.skip_invalid_size_inputs_valid_test))
     return SplitData(split, dataset, make_batches(dataset, cfg, int(cfg.common.seed), validation))

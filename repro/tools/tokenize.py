@@ -9,7 +9,10 @@ Output in `<output-dir>`:
 
     <split>.src   one line per utterance (input order): its frames' codes, space separated, each code the
                   group-local indices joined by '-' ("12-304 7-44 ..." for 2 groups)
-    <split>.lbl   the utterance's line of `<data-dir>/<split>.<labels>` (with --labels)
+    <split>.lbl   the utterance's line of `<data-dir>/<split>.<labels>` (with --labels; fairseq's name, which
+                  RoBERTa CTC fine-tuning reads when `<split>.<labels>` is absent)
+    dict.<labels>.txt  copied from `<data-dir>` (with --labels, when there): the fine-tuning targets' dictionary,
+                  so that the output directory is a `task.data` for `model=roberta_ctc` as it stands
     dict.txt      fairseq Dictionary format, `<code> <count>` per line, most frequent first (ties by code),
                   counted over the first split given (fairseq-preprocess builds it from the training split)
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -33,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from repro.checkpoints.format import CheckpointError
+from repro.data.units import TOKENIZED_LABELS_EXT
 from repro.models.wav2vec import Wav2VecModel
 from repro.tools.audio_units import (
     AudioFile,
@@ -148,8 +153,18 @@ def tokenize_split(model_path: Path, data_dir: Path, output_dir: Path, split: st
     partial.touch()
     os.replace(partial, final)
     if label_lines is not None:
-        (output_dir / f"{split}.lbl").write_text("".join(line + "\n" for line in label_lines), encoding="utf-8")
+        (output_dir / f"{split}.{TOKENIZED_LABELS_EXT}").write_text("".join(line + "\n" for line in label_lines), encoding="utf-8")
     return final
+
+
+def copy_label_dictionary(data_dir: Path, output_dir: Path, labels: str) -> None:
+    """`dict.<labels>.txt` beside the units (fine-tuning's targets); a data dir without one is said, not refused."""
+    source = data_dir / f"dict.{labels}.txt"
+    if source.is_file():
+        shutil.copyfile(source, output_dir / source.name)
+    else:
+        print(f"tokenize: no {source}; put the targets' dictionary beside the units before fine-tuning on them",
+              file=sys.stderr)
 
 
 def count_codes(src: Path) -> Counter:
@@ -190,6 +205,8 @@ def main(args: argparse.Namespace) -> int:
                                           args.num_workers))
             print(f"tokenize {split}: {sources[-1]}", file=sys.stderr)
         write_dictionary(count_codes(sources[0]), args.output_dir / DICTIONARY_NAME)
+        if args.labels:
+            copy_label_dictionary(args.data_dir, args.output_dir, args.labels)
     except (UnitsError, CheckpointError, ValueError, OSError) as error:
         print(f"tokenize: {error}", file=sys.stderr)
         return 1

@@ -187,3 +187,38 @@ def test_featurize_says_when_it_gets_the_wrong_model(tmp_path: Path) -> None:
                 tmp_path / "w2v2.pt")
     with pytest.raises(UnitsError, match="featurize: .*w2v2.pt holds a wav2vec 2.0 model"):
         featurize.featurize_split(tmp_path / "w2v2.pt", tmp_path / "data", tmp_path / "feats", "train")
+
+
+def test_tokenized_units_and_labels_are_what_roberta_ctc_reads(tmp_path: Path) -> None:
+    """tokenize --labels ltr writes fairseq's `<split>.lbl` and copies dict.ltr.txt; the roberta_ctc task loads
+    that directory as it stands, and names the label file when there is none."""
+    from omegaconf import OmegaConf
+
+    from repro.config import ReproConfig
+    from repro.data.dictionary import Dictionary
+    from repro.data.units import load_unit_dictionary
+    from repro.tasks.roberta_ctc import labeled_unit_split
+
+    save_model(tmp_path / "vq.pt", vq_type="kmeans", vq_vars=8)
+    write_corpus(tmp_path / "data", LENGTHS)
+    (tmp_path / "data" / "dict.ltr.txt").write_text("| 5\nL 5\n" + "".join(f"{i} 1\n" for i in range(len(LENGTHS))))
+    units_dir = tmp_path / "units"
+    args = argparse.Namespace(checkpoint=tmp_path / "vq.pt", data_dir=tmp_path / "data", output_dir=units_dir,
+                              splits=["train"], extension="tsv", labels="ltr", max_size=1_300_000, device="cpu",
+                              batch_samples=None, num_workers=0)
+    assert tokenize.main(args) == 0
+    assert (units_dir / "train.lbl").is_file() and not (units_dir / "train.ltr").exists()
+    cfg = OmegaConf.structured(ReproConfig)
+    cfg.task.data, cfg.task.labels, cfg.dataset.max_tokens = str(units_dir), "ltr", 100_000
+    units, _ = load_unit_dictionary(units_dir / "dict.txt")
+    letters = Dictionary.load(units_dir / "dict.ltr.txt")
+    split = labeled_unit_split(cfg, "train", units, letters, max_positions=512, validation=False)
+    assert len(split.dataset) == len(LENGTHS)
+    src_lines = (units_dir / "train.src").read_text().splitlines()
+    for index in range(len(LENGTHS)):
+        sample = split.dataset[index]
+        assert letters.string(list(sample["target"])) == f"L {index} |"  # the utterance's own label line
+        assert units.string(list(sample["tokens"])[1:-1]) == src_lines[index]  # <s> units </s>
+    (units_dir / "train.lbl").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train\.ltr: label file of split 'train' not found \(nor train\.lbl"):
+        labeled_unit_split(cfg, "train", units, letters, max_positions=512, validation=False)
