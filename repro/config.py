@@ -703,7 +703,7 @@ class SelfTrainingConfig:
     labeling_decoding: str = "kenlm_4gram"
     """Entry of `decodings` that labels (Xu et al. §3.3: lexicon beam search with the 4-gram LM)."""
     labeling_decode: dict[str, Any] = field(default_factory=dict)
-    """Overrides of that entry for labelling only (Xu et al. §3.3: beam 800, where evaluation uses 1500)."""
+    """Overrides of that entry for labelling only (e.g. a smaller beam for speed)."""
     output_dir: str | None = None
     """Where the pseudo-labels and the combined split are written; None = `<run dir>/pseudo_labels`."""
     name: str = "pseudo"
@@ -728,6 +728,16 @@ class SelfTrainingConfig:
     """[min, max] letters per second of audio a pseudo-label must have; None = no length filter (Xu et al. §2.2)."""
     drop_empty: bool = False
     """Drop utterances whose pseudo-label has no word (off: the paper keeps every label)."""
+    rescore_decoding: str | None = None
+    """Entry of `decodings` (a `fairseqlm` one) whose Transformer LM rescores the labelling beam's n-best, weighted
+    by its lm_weight / word_score (Xu et al. v1 §2.2: 50 best rescored with the Transformer LM); None = the beam's best."""
+    rescore_nbest: int = positive(50)
+    """Distinct transcriptions of the labelling beam that are rescored (Xu et al. v1: 50)."""
+    rescore_ngram_weight: float | None = None
+    """Weight of the beam's 4-gram score in the rescored total; None = the labelling beam's lm_weight."""
+    wait: bool = False
+    """cluster=slurm: wait here for the shard array, retry failed shards and merge here; false = submit the array
+    and a merge job that depends on it, and return."""
 
 
 @dataclass

@@ -267,7 +267,8 @@ def _hypothesis(result, blank: int, words: list[str] | None) -> Hypothesis:
             tokens.append(int(token))
             timesteps.append(t)
         previous = token
-    return Hypothesis(tokens=tokens, score=float(result.score), words=words, timesteps=timesteps)
+    return Hypothesis(tokens=tokens, score=float(result.score), words=words, timesteps=timesteps,
+                      am_score=float(result.emittingModelScore), lm_score=float(result.lmScore))
 
 
 class LexiconBeamDecoder:

@@ -25,6 +25,10 @@ class Hypothesis:
     """Words chosen by a lexicon decoder; None for unit-level decoders (words come from the units)."""
     timesteps: list[int] = field(default_factory=list)
     """Frame of each token, when the decoder reports it."""
+    am_score: float | None = None
+    """Lexicon beam: the acoustic part of `score` (score = am_score + lm_weight * lm_score + word_score * words)."""
+    lm_score: float | None = None
+    """Lexicon beam: the unweighted LM part of `score`."""
 
 
 def collapse_ctc(frame_ids: Iterable[int], blank: int = 0) -> list[int]:

@@ -37,6 +37,7 @@ from repro.train.self_training import (
     describe_setup,
     label_shard,
     labeling_decode,
+    labeling_rescore,
     merge_shards,
     plan_shards,
     prepare_labeling,
@@ -247,6 +248,11 @@ def describe_pseudo_label(cfg: DictConfig) -> list[str]:
         decode = labeling_decode(cfg)
         lines.append(f"  decoder: {decode.get('name') or decode['type']} ({decode['type']}, beam {decode['beam']}, "
                      f"lm_weight {decode['lm_weight']}, word_score {decode['word_score']}, lm {decode.get('lm_model')})")
+        rescoring = labeling_rescore(cfg, decode)
+        lines.append("  rescoring: none (the beam's best hypothesis is the label)" if rescoring is None else
+                     f"  rescoring: {rescoring['nbest']} best with {rescoring['decoding']} ({rescoring['lm_model']}; "
+                     f"lm_weight {rescoring['lm_weight']}, word_score {rescoring['word_score']}, 4-gram weight "
+                     f"{rescoring['ngram_weight']})")
     except PseudoLabelError as error:
         lines.append(f"  decoder: {error}")
     shards = plan_shards(sizes, int(st.num_shards), int(cfg.dataset.max_tokens or 4_000_000)) if sizes else []

@@ -1,9 +1,9 @@
 """Self-training (Xu et al. 2021, "Self-training and Pre-training are Complementary", arXiv 2010.11430).
 
-The procedure (§2.2-2.3, §3.3): a pretrained wav2vec 2.0 model fine-tuned on the labeled split labels
-the unlabeled audio with a lexicon beam search and an LM (the paper: 4-gram, beam 800); the labels are
-not filtered and not iterated (one round); the final "ctc ft" model fine-tunes the same pretrained
-checkpoint again on labeled + pseudo-labeled data.
+The procedure (v1 §2.2-2.3, as read in conf/experiment/recipes/self_training.yaml's sources): a pretrained
+wav2vec 2.0 model fine-tuned on the labeled split labels the unlabeled audio with the 4-gram lexicon beam,
+whose 50 best are rescored with the Transformer LM (repro/decode/rescore.py); one round, no filtering;
+the final "ctc ft" model fine-tunes the same pretrained checkpoint again on labeled + pseudo-labeled data.
 
 This module holds the pieces, each a plain function over files so that any process can run them:
 
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from repro.checkpoints.fairseq import load as load_checkpoint
 from repro.data.batching import batch_by_size, ordered_indices
@@ -61,6 +62,7 @@ from repro.decode.lexicon import (
     read_lexicon,
     spelling_ids,
 )
+from repro.decode.rescore import RescoreWeights, TransformerSentenceScorer, rescore
 from repro.decode.wer import UtteranceResult, score_results, units_to_words
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,8 @@ class LabelingSetup:
     """How label units become words ('letter')."""
     cpu: bool
     """Compute emissions on CPU even when a GPU is visible."""
+    rescore: dict[str, Any] | None
+    """Transformer-LM rescoring of the beam's n-best (lm_model, nbest, lm_weight, word_score, ngram_weight), or None."""
     fingerprint: str
     """Hash of everything above that changes the labels: a shard made with another one is redone."""
 
@@ -178,6 +182,44 @@ def labeling_decode(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
 
 
+def labeling_rescore(cfg: DictConfig, decode: dict[str, Any]) -> dict[str, Any] | None:
+    """The n-best rescoring of `self_training.rescore_decoding` (a fairseqlm entry of `decodings`), or None."""
+    st = cfg.self_training
+    name = st.rescore_decoding
+    if not name:
+        return None
+    named = dict(cfg.get("decodings") or {})
+    if name not in named:
+        raise PseudoLabelError(f"self_training.rescore_decoding={name!r} is not one of decodings "
+                               f"({', '.join(sorted(named)) or 'none'})")
+    entry = decoding_setups(OmegaConf.merge(cfg, {"paper": {"decoding": [name]}}))[name]
+    if entry.type != "fairseqlm":
+        raise PseudoLabelError(f"self_training.rescore_decoding={name!r} is a {entry.type!r} decoding; rescoring "
+                               "needs a fairseqlm one (its lm_model is the Transformer LM)")
+    if decode["type"] == "viterbi":
+        raise PseudoLabelError("self_training.rescore_decoding needs a lexicon beam to label with (its n-best), "
+                               f"not {cfg.self_training.labeling_decoding!r} (viterbi)")
+    ngram_weight = st.rescore_ngram_weight if st.rescore_ngram_weight is not None else decode["lm_weight"]
+    return {"decoding": name, "lm_model": entry.lm_model, "nbest": int(st.rescore_nbest),
+            "lm_weight": float(entry.lm_weight), "word_score": float(entry.word_score),
+            "ngram_weight": float(ngram_weight)}
+
+
+def check_rescore_inputs(rescore_setup: dict[str, Any], lexicon_path: str) -> None:
+    """The rescoring LM and its dict.txt exist and know the lexicon's words (the LM itself loads in each shard)."""
+    lm_path = Path(rescore_setup["lm_model"] or "")
+    if not rescore_setup["lm_model"] or not lm_path.is_file():
+        raise PseudoLabelError(f"decodings.{rescore_setup['decoding']}.lm_model {rescore_setup['lm_model']} "
+                               "does not exist (the Transformer LM that rescores the pseudo-labels)")
+    lm_dictionary = lm_path.parent / "dict.txt"
+    if not lm_dictionary.is_file():
+        raise PseudoLabelError(f"{lm_path}: the LM dictionary {lm_dictionary} does not exist (fairseq reads dict.txt "
+                               "beside the LM)")
+    vocabulary = {line.split(" ")[0].upper() for line in lm_dictionary.read_text(encoding="utf-8").splitlines() if line}
+    words = list(read_lexicon(lexicon_path))
+    check_lm_coverage(words, [word.upper() in vocabulary for word in words], lexicon_path, lm_path)
+
+
 def check_audio(manifest: Manifest) -> None:
     """Every row's audio exists and no row repeats: else an error naming the manifest line."""
     missing, seen = [], {}
@@ -248,17 +290,22 @@ def prepare_labeling(cfg: DictConfig, run_dir: Path) -> LabelingSetup:
                      else (loaded.task_cfg or {}).get("normalize", cfg.task.normalize))
     decode = labeling_decode(cfg)
     check_decoder_inputs(decode, dictionary)
+    rescore_setup = labeling_rescore(cfg, decode)
+    if rescore_setup is not None:
+        check_rescore_inputs(rescore_setup, decode["lexicon"])
     st_setup = {
         "format": SETUP_FORMAT, "manifest": file_sha256(manifest_path), "checkpoint": file_sha256(checkpoint),
         "dictionary": list(dictionary.symbols), "decode": decode, "normalize": normalize,
         "post_process": cfg.common_eval.post_process,
+        **({"rescore": {**rescore_setup, "lm_sha256": file_sha256(rescore_setup["lm_model"])}} if rescore_setup else {}),
     }
     return LabelingSetup(
         manifest=str(manifest_path), rows=len(manifest), output_dir=str(output_dir(cfg, run_dir)),
         checkpoint=str(checkpoint), dictionary=tuple(dictionary.symbols), decode=decode, normalize=normalize,
         sample_rate=int(cfg.task.sample_rate),
         max_tokens=emission_batch_limit(sizes, int(cfg.dataset.max_tokens or 4_000_000)),
-        post_process=str(cfg.common_eval.post_process), cpu=bool(cfg.common.cpu), fingerprint=_fingerprint(st_setup),
+        post_process=str(cfg.common_eval.post_process), cpu=bool(cfg.common.cpu), rescore=rescore_setup,
+        fingerprint=_fingerprint(st_setup),
     )
 
 
@@ -335,24 +382,43 @@ def label_shard(setup: LabelingSetup, shard: Shard, progress: bool = True) -> di
         emissions = compute_emissions(loaded.model, dataset, setup.max_tokens, device, progress=progress)
         save_cached_emissions(cache_path, key, emissions)
         del loaded
-    decoder = build_decoder(OmegaConf.create(setup.decode), dictionary, device)
-    split = EvalSplit(shard.name, dataset, [[] for _ in range(len(dataset))], files["input.tsv"])
-    results = decode_split(decoder, emissions, split, dictionary, setup.post_process, progress=progress)
+    if setup.rescore is None:
+        decoder = build_decoder(OmegaConf.create(setup.decode), dictionary, device)
+        split = EvalSplit(shard.name, dataset, [[] for _ in range(len(dataset))], files["input.tsv"])
+        results = decode_split(decoder, emissions, split, dictionary, setup.post_process, progress=progress)
+        words, totals = [result.hyp_words for result in results], [result.score for result in results]
+    else:
+        words, totals = decode_and_rescore(setup, emissions, dictionary, device, progress)
 
-    words = [result.hyp_words for result in results]
-    scores = [f"{row}\t{entry.rel_path}\t{len(emission)}\t{result.score:.6f}\t"
-              f"{result.score / max(len(emission), 1):.6f}"
-              for row, entry, emission, result in zip(shard.rows, entries, emissions, results)]
+    scores = [f"{row}\t{entry.rel_path}\t{len(emission)}\t{total:.6f}\t{total / max(len(emission), 1):.6f}"
+              for row, entry, emission, total in zip(shard.rows, entries, emissions, totals)]
     write_atomic(files["tsv"], format_manifest(manifest.root, entries))
     write_atomic(files["wrd"], "".join(line + "\n" for line in words))
     write_atomic(files["ltr"], "".join(label_text(line) + "\n" for line in words))
     write_atomic(files["scores.tsv"], SCORES_HEADER + "\n" + "".join(line + "\n" for line in scores))
-    record = {"fingerprint": setup.fingerprint, "rows": shard.rows_digest, "utterances": len(results),
-              "score_sum": float(sum(result.score for result in results)), "host": os.uname().nodename,
+    record = {"fingerprint": setup.fingerprint, "rows": shard.rows_digest, "utterances": len(words),
+              "score_sum": float(sum(totals)), "host": os.uname().nodename,
               "slurm_job": os.environ.get("SLURM_JOB_ID"),
               "slurm_array_task": os.environ.get("SLURM_ARRAY_TASK_ID")}
     write_atomic(files["done.json"], json.dumps(record, indent=1) + "\n")  # last: marks the shard finished
     return record
+
+
+def decode_and_rescore(setup: LabelingSetup, emissions: Sequence[torch.Tensor], dictionary: Dictionary, device: str,
+                       progress: bool) -> tuple[list[str], list[float]]:
+    """Each utterance's beam n-best rescored with the Transformer LM (Xu et al. v1 §2.2): (words, combined score)."""
+    options = setup.rescore
+    assert options is not None
+    decode = {**setup.decode, "nbest": max(int(setup.decode.get("nbest") or 1), int(options["nbest"]))}
+    decoder = build_decoder(OmegaConf.create(decode), dictionary, device)
+    scorer = TransformerSentenceScorer(options["lm_model"], device)
+    weights = RescoreWeights(options["ngram_weight"], options["lm_weight"], options["word_score"])
+    words, totals = [], []
+    for emission in tqdm(emissions, desc="decode + rescore", unit="utt", file=sys.stderr, disable=not progress):
+        best, total = rescore(decoder.decode(emission.unsqueeze(0))[0], scorer, weights, int(options["nbest"]))
+        words.append(" ".join(best.words or []))
+        totals.append(total)
+    return words, totals
 
 
 def _has_specials(symbols: Sequence[str]) -> bool:
@@ -471,7 +537,8 @@ def merge_shards(setup: LabelingSetup, shards: Sequence[Shard], name: str, min_s
         "mean_score": sum(row.score for row in rows) / max(len(rows), 1),
         "mean_score_per_frame": sum(row.score / max(row.frames, 1) for row in rows) / max(len(rows), 1),
         "empty": sum(1 for row in rows if not row.words.strip()), "shards": len(shards),
-        "decode": setup.decode, "checkpoint": setup.checkpoint, "fingerprint": setup.fingerprint,
+        "decode": setup.decode, "rescore": setup.rescore, "checkpoint": setup.checkpoint,
+        "fingerprint": setup.fingerprint,
     }
     references = hidden_references(setup.manifest, setup.rows, setup.post_process)
     if references is not None:

@@ -337,6 +337,53 @@ def test_finetune_stage_of_a_self_training_row_trains_on_the_combined_split(corp
                                         tmp_path)
 
 
+def transformer_lm_for_lexicon(corpus: dict[str, Path], directory: Path) -> Path:
+    """A tiny random Transformer LM in fairseq's checkpoint format whose dict.txt holds the corpus lexicon's words."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_transformer_lm import fairseq_args, fairseq_state_dict
+
+    words = [line.split("\t")[0] for line in (corpus["lm"] / "lexicon.txt").read_text().splitlines() if line]
+    state = fairseq_state_dict(4 + len(words), torch.Generator().manual_seed(3))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "dict.txt").write_text("".join(f"{word.lower()} {len(words) - i}\n" for i, word in enumerate(words)))
+    path = directory / "lm.pt"
+    torch.save({"args": fairseq_args(), "model": state}, path)
+    return path
+
+
+def rescoring_config(corpus, out: Path, lm: Path, lm_weight: float, word_score: float):
+    cfg = st_config(corpus, out, rescore_decoding="transformer", rescore_nbest=20)
+    cfg.decodings.transformer = {"type": "fairseqlm", "name": "transformer", "lm_model": str(lm),
+                                 "lexicon": str(corpus["lm"] / "lexicon.txt"), "lm_weight": lm_weight,
+                                 "word_score": word_score}
+    return cfg
+
+
+def test_transformer_lm_rescoring_of_the_beam_nbest_chooses_the_labels(corpus, unsharded, tmp_path):
+    """Rescoring with a zero LM weight and the beam's own weights keeps the beam's labels and scores, byte for
+    byte; a weighted random Transformer LM changes some labels (tests/unit/test_rescore.py checks the choice)."""
+    lm = transformer_lm_for_lexicon(corpus, tmp_path / "lm")
+    neutral = run_pseudo_label(rescoring_config(corpus, tmp_path / "neutral", lm, 0.0, 0.5), tmp_path)
+    assert label_files(tmp_path / "neutral") == label_files(unsharded[0])
+    assert neutral["rescore"]["ngram_weight"] == 1.0 and neutral["rescore"]["nbest"] == 20
+    weighted = run_pseudo_label(rescoring_config(corpus, tmp_path / "weighted", lm, 3.0, 0.5), tmp_path)
+    before = (unsharded[0] / "pseudo.wrd").read_text().splitlines()
+    after = (tmp_path / "weighted" / "pseudo.wrd").read_text().splitlines()
+    assert len(before) == len(after) and before != after
+    assert weighted["rescore"]["lm_weight"] == 3.0
+    lines = "\n".join(describe_pseudo_label(rescoring_config(corpus, tmp_path / "x", lm, 3.0, 0.5)))
+    assert "rescoring: 20 best with transformer" in lines
+    # bad input, before any work: a rescoring entry that is not a Transformer LM, a missing LM
+    cfg = rescoring_config(corpus, tmp_path / "bad", lm, 1.0, 0.0)
+    cfg.self_training.rescore_decoding = "kenlm_4gram"
+    with pytest.raises(PseudoLabelError, match="rescoring needs a fairseqlm one"):
+        run_pseudo_label(cfg, tmp_path)
+    cfg = rescoring_config(corpus, tmp_path / "bad", tmp_path / "missing.pt", 1.0, 0.0)
+    with pytest.raises(PseudoLabelError, match="missing.pt does not exist"):
+        run_pseudo_label(cfg, tmp_path)
+    assert _no_work_done(tmp_path / "bad")
+
+
 def test_array_submission_runs_each_shard_in_its_own_job_and_reports_a_failed_one(corpus, unsharded, tmp_path):
     """The map_array path with submitit's local process backend (the real-SLURM run is tests/integration)."""
     out = tmp_path / "array"
