@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import json
 import logging
 import os
+import resource
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -63,7 +67,7 @@ from repro.decode.lexicon import (
     spelling_ids,
 )
 from repro.decode.rescore import RescoreWeights, TransformerSentenceScorer, rescore
-from repro.decode.wer import UtteranceResult, score_results, units_to_words
+from repro.decode.wer import ErrorCounts, align_counts, units_to_words
 
 log = logging.getLogger(__name__)
 
@@ -390,9 +394,17 @@ def label_shard(setup: LabelingSetup, shard: Shard, progress: bool = True) -> di
     else:
         words, totals = decode_and_rescore(setup, emissions, dictionary, device, progress)
 
-    scores = [f"{row}\t{entry.rel_path}\t{len(emission)}\t{total:.6f}\t{total / max(len(emission), 1):.6f}"
-              for row, entry, emission, total in zip(shard.rows, entries, emissions, totals)]
-    write_atomic(files["tsv"], format_manifest(manifest.root, entries))
+    return write_shard_outputs(setup, shard, manifest.root, entries, words, [len(emission) for emission in emissions],
+                               totals)
+
+
+def write_shard_outputs(setup: LabelingSetup, shard: Shard, root: str | Path, entries: Sequence[ManifestEntry],
+                        words: Sequence[str], frames: Sequence[int], totals: Sequence[float]) -> dict[str, Any]:
+    """The shard's `.tsv` / `.wrd` / `.ltr` / `.scores.tsv`, each atomically, then its marker; returns the marker."""
+    files = shard_files(setup, shard)
+    scores = [f"{row}\t{entry.rel_path}\t{count}\t{total:.6f}\t{total / max(count, 1):.6f}"
+              for row, entry, count, total in zip(shard.rows, entries, frames, totals)]
+    write_atomic(files["tsv"], format_manifest(root, entries))
     write_atomic(files["wrd"], "".join(line + "\n" for line in words))
     write_atomic(files["ltr"], "".join(label_text(line) + "\n" for line in words))
     write_atomic(files["scores.tsv"], SCORES_HEADER + "\n" + "".join(line + "\n" for line in scores))
@@ -441,7 +453,7 @@ def run_shards_in_process(setup: LabelingSetup, shards: Sequence[Shard], progres
 # Merge, filters, scoring
 
 
-@dataclass(slots=True)  # the merge holds one per unlabeled utterance (millions for LV-60k)
+@dataclass(slots=True)
 class LabeledRow:
     """One pseudo-labelled utterance as the shards wrote it."""
 
@@ -453,24 +465,92 @@ class LabeledRow:
     score: float
 
 
-def read_shard(setup: LabelingSetup, shard: Shard) -> list[LabeledRow]:
+def _lines(handle: TextIO) -> Iterator[str]:
+    for line in handle:
+        yield line[:-1] if line.endswith("\n") else line
+
+
+def iter_shard_rows(setup: LabelingSetup, shard: Shard) -> Iterator[LabeledRow]:
+    """The shard's rows in its (ascending) row order, read line by line from its four files."""
     files = shard_files(setup, shard)
-    entries = read_manifest(files["tsv"]).entries
-    words = files["wrd"].read_text(encoding="utf-8").split("\n")[: len(entries)]
-    letters = files["ltr"].read_text(encoding="utf-8").split("\n")[: len(entries)]
-    score_lines = files["scores.tsv"].read_text(encoding="utf-8").splitlines()[1:]
-    if not (len(words) == len(letters) == len(score_lines) == len(entries) == len(shard.rows)):
-        raise PseudoLabelError(f"{files['done.json']}: shard files disagree in length; delete the marker to redo it")
-    rows = []
-    for entry, word_line, letter_line, score_line in zip(entries, words, letters, score_lines):
-        row, _, frames, score, _ = score_line.split("\t")
-        rows.append(LabeledRow(int(row), entry, word_line, letter_line, int(frames), float(score)))
-    return rows
+    mismatch = PseudoLabelError(f"{files['done.json']}: shard files disagree in length; delete the marker to redo it")
+    with ExitStack() as stack:
+        tsv, wrd, ltr, scores = (_lines(stack.enter_context(files[kind].open(encoding="utf-8")))
+                                 for kind in ("tsv", "wrd", "ltr", "scores.tsv"))
+        if next(tsv, None) is None or next(scores, None) is None:  # the root / the header
+            raise mismatch
+        count = 0
+        for entry_line, word_line, letter_line, score_line in zip(tsv, wrd, ltr, scores):
+            rel_path, num_samples = entry_line.split("\t")[:2]
+            row, _, frames, score, _ = score_line.split("\t")
+            yield LabeledRow(int(row), ManifestEntry(rel_path, int(num_samples)), word_line, letter_line, int(frames),
+                             float(score))
+            count += 1
+        if count != len(shard.rows) or next(tsv, None) is not None:
+            raise mismatch
+
+
+RUN_FILE_FIELDS = 7
+
+
+def _write_run(rows: Iterable[LabeledRow], path: Path) -> None:
+    """A merged run of several shards as one file (one descriptor instead of four per shard); repr keeps floats exact."""
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(f"{row.row}\t{row.entry.rel_path}\t{row.entry.num_samples}\t{row.frames}\t{row.score!r}\t"
+                         f"{row.words}\t{row.letters}\n")
+
+
+def _read_run(path: Path) -> Iterator[LabeledRow]:
+    with path.open(encoding="utf-8") as handle:
+        for line in _lines(handle):
+            row, rel_path, num_samples, frames, score, words, letters = line.split("\t", RUN_FILE_FIELDS - 1)
+            yield LabeledRow(int(row), ManifestEntry(rel_path, int(num_samples)), words, letters, int(frames),
+                             float(score))
+
+
+def open_file_budget(wanted: int) -> int:
+    """Files the merge may hold open: raise the soft RLIMIT_NOFILE towards `wanted` (+ a margin), within the hard one."""
+    margin = 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted + margin if hard == resource.RLIM_INFINITY else min(hard, wanted + margin)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return max(soft - margin, 8)
+
+
+def merged_rows(setup: LabelingSetup, shards: Sequence[Shard], work_dir: Path,
+                max_open_files: int | None = None) -> Iterator[LabeledRow]:
+    """Every shard's rows in manifest order, streamed: a k-way merge holding one row per shard.
+
+    Shards are runs of global emission batches (longest audio first), so their rows interleave in
+    manifest order. Each shard keeps four files open; when that exceeds the open-file budget, groups of
+    shards are first merged into one run file each (under `work_dir`), then the runs are merged.
+    """
+    budget = max_open_files if max_open_files is not None else open_file_budget(4 * len(shards))
+    if 4 * len(shards) <= budget:
+        yield from heapq.merge(*(iter_shard_rows(setup, shard) for shard in shards), key=attrgetter("row"))
+        return
+    group = max(budget // 4, 1)
+    if -(-len(shards) // group) > budget:
+        raise PseudoLabelError(f"{len(shards)} shards need {-(-len(shards) // group)} merge runs open at once, more "
+                               f"than the {budget} files this process may open; raise `ulimit -n` or use fewer shards")
+    runs = []
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for start in range(0, len(shards), group):
+            runs.append(work_dir / f"run-{start // group:05d}.tsv")
+            _write_run(merged_rows(setup, shards[start:start + group], work_dir, budget), runs[-1])
+        yield from heapq.merge(*(_read_run(run) for run in runs), key=attrgetter("row"))
+    finally:
+        for run in runs:
+            run.unlink(missing_ok=True)
 
 
 def keep_row(row: LabeledRow, sample_rate: int, min_score_per_frame: float | None,
              length_ratio: Sequence[float] | None, drop_empty: bool) -> bool:
-    """The optional filters (all off by default: Xu et al. keep every pseudo-label, §2.2)."""
+    """The optional filters (all off by default: Xu et al. describe none, v1 §2.2)."""
     if drop_empty and not row.words.strip():
         return False
     if min_score_per_frame is not None and row.score / max(row.frames, 1) < min_score_per_frame:
@@ -482,77 +562,190 @@ def keep_row(row: LabeledRow, sample_rate: int, min_score_per_frame: float | Non
     return True
 
 
-def hidden_references(manifest_path: str | Path, rows: int, post_process: str = "letter") -> list[str] | None:
-    """Reference words of the unlabeled audio where the corpus has them, else None.
+def manifest_root(path: str | Path) -> str:
+    """The root line of a manifest as read_manifest normalises it, without reading the rows."""
+    with Path(path).open(encoding="utf-8") as handle:
+        return str(Path(handle.readline().strip()))
+
+
+def iter_hidden_references(manifest_path: str | Path, rows: int, post_process: str = "letter") -> Iterator[str | None] | None:
+    """Reference words of the unlabeled audio, row by row, where the corpus has them; else None.
 
     `<manifest stem>.ltr` beside the manifest (what stage evaluate reads), else `<stem>.wrd`, else the
-    LibriSpeech-layout `.trans.txt` files beside the audio (the synthetic corpus' pretraining pool has them).
+    LibriSpeech-layout `.trans.txt` files beside the audio (the synthetic corpus' pretraining pool has them;
+    a row whose transcript is missing yields None).
     """
     manifest_path = Path(manifest_path)
     for suffix in (".ltr", ".wrd"):
         path = manifest_path.with_suffix(suffix)
         if path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            if len(lines) != rows:
-                log.warning("%s has %d lines for %d manifest rows: not used as references", path, len(lines), rows)
+            with path.open(encoding="utf-8") as handle:
+                lines = sum(1 for _ in handle)
+            if lines != rows:
+                log.warning("%s has %d lines for %d manifest rows: not used as references", path, lines, rows)
                 continue
-            return [units_to_words(line, post_process) if suffix == ".ltr" else " ".join(line.split())
-                    for line in lines]
-    manifest = read_manifest(manifest_path)
+            return _reference_lines(path, suffix, post_process)
+    root = Path(manifest_root(manifest_path))
     lookup = TranscriptLookup()
+    with manifest_path.open(encoding="utf-8") as handle:
+        handle.readline()
+        first = handle.readline().split("\t")[0]
     try:
-        return [" ".join(lookup.words(manifest.audio_path(row)).split()) for row in range(len(manifest))]
+        lookup.words(root / first)
     except TranscriptError:
         return None
+    return _transcripts(manifest_path, root, lookup)
+
+
+def _reference_lines(path: Path, suffix: str, post_process: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as handle:
+        for line in _lines(handle):
+            yield units_to_words(line, post_process) if suffix == ".ltr" else " ".join(line.split())
+
+
+def _transcripts(manifest_path: Path, root: Path, lookup: TranscriptLookup) -> Iterator[str | None]:
+    with manifest_path.open(encoding="utf-8") as handle:
+        handle.readline()
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                yield " ".join(lookup.words(root / line.split("\t")[0]).split())
+            except TranscriptError:
+                yield None
+
+
+def hidden_references(manifest_path: str | Path, rows: int, post_process: str = "letter") -> list[str] | None:
+    """All of iter_hidden_references at once (None when any row has no reference)."""
+    references = iter_hidden_references(manifest_path, rows, post_process)
+    if references is None:
+        return None
+    listed = list(references)
+    return None if any(reference is None for reference in listed) else listed  # type: ignore[return-value]
+
+
+class WordErrorCounter:
+    """Corpus WER accumulated row by row (repro.decode.wer's counts, aligned in chunks): equal to scoring all at once."""
+
+    CHUNK = 4096
+
+    def __init__(self) -> None:
+        self.total = ErrorCounts()
+        self.rows = 0
+        self._references: list[str] = []
+        self._hypotheses: list[str] = []
+
+    def add(self, reference: str, hypothesis: str) -> None:
+        self._references.append(reference)
+        self._hypotheses.append(hypothesis)
+        self.rows += 1
+        if len(self._references) >= self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        for counts in align_counts(self._references, self._hypotheses):
+            self.total = self.total + counts
+        self._references, self._hypotheses = [], []
+
+    @property
+    def wer(self) -> float:
+        self._flush()
+        return self.total.rate if self.rows else float("nan")
+
+
+class _AtomicLines:
+    """Output files written as rows come, renamed into place together once all are complete."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+        self.temporaries = [path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in self.paths]
+        self.handles = [temporary.open("w", encoding="utf-8") for temporary in self.temporaries]
+
+    def commit(self) -> None:
+        for handle in self.handles:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+        for temporary, path in zip(self.temporaries, self.paths):
+            os.replace(temporary, path)
+
+    def discard(self) -> None:
+        for handle, temporary in zip(self.handles, self.temporaries):
+            handle.close()
+            temporary.unlink(missing_ok=True)
 
 
 def merge_shards(setup: LabelingSetup, shards: Sequence[Shard], name: str, min_score_per_frame: float | None = None,
-                 length_ratio: Sequence[float] | None = None, drop_empty: bool = False) -> dict[str, Any]:
+                 length_ratio: Sequence[float] | None = None, drop_empty: bool = False,
+                 max_open_files: int | None = None) -> dict[str, Any]:
     """Gather the finished shards, in manifest order, into `<output>/<name>.{tsv,ltr,wrd,scores.tsv}`; return the summary.
 
-    The summary holds the counts, the mean decoder score and, when the unlabeled audio has hidden
-    transcripts, the pseudo-label WER over every labelled utterance (the number stage evaluate reports
-    for the same model and decoder) and over the kept ones.
+    Streams: rows go from the shards' files to the output as they are merged, so memory does not grow
+    with the number of utterances (LV-60k has millions). The summary holds the counts, the mean decoder
+    score and, when the unlabeled audio has hidden transcripts, the pseudo-label WER over every labelled
+    utterance (the number stage evaluate reports for the same model and decoder) and over the kept ones.
     """
     unfinished = [shard.name for shard in shards if not shard_is_done(setup, shard)]
     if unfinished:
         raise PseudoLabelError(f"cannot merge: {len(unfinished)} shard(s) not finished ({', '.join(unfinished[:5])})")
     out = Path(setup.output_dir)
-    rows = sorted((row for shard in shards for row in read_shard(setup, shard)), key=lambda row: row.row)
-    keep = [keep_row(row, setup.sample_rate, min_score_per_frame, length_ratio, drop_empty) for row in rows]
-    kept = [row for row, flag in zip(rows, keep) if flag]
-    root = read_manifest(setup.manifest).root
-    write_atomic(out / f"{name}.tsv", format_manifest(root, [row.entry for row in kept]))
-    write_atomic(out / f"{name}.wrd", "".join(row.words + "\n" for row in kept))
-    write_atomic(out / f"{name}.ltr", "".join(row.letters + "\n" for row in kept))
-    write_atomic(out / f"{name}.scores.tsv", SCORES_HEADER + "\tkept\n" + "".join(
-        f"{row.row}\t{row.entry.rel_path}\t{row.frames}\t{row.score:.6f}\t{row.score / max(row.frames, 1):.6f}\t"
-        f"{int(flag)}\n" for row, flag in zip(rows, keep)))
+    references = iter_hidden_references(setup.manifest, setup.rows, setup.post_process)
+    all_errors, kept_errors = WordErrorCounter(), WordErrorCounter()
+    counts = {"utterances": 0, "kept": 0, "empty": 0, "samples": 0, "kept_samples": 0}
+    score_sum = score_per_frame_sum = 0.0
+    writer = _AtomicLines([out / f"{name}.{suffix}" for suffix in ("tsv", "wrd", "ltr", "scores.tsv")])
+    tsv, wrd, ltr, scores = writer.handles
+    try:
+        tsv.write(manifest_root(setup.manifest) + "\n")
+        scores.write(SCORES_HEADER + "\tkept\n")
+        for row in merged_rows(setup, shards, out / "merge_runs", max_open_files):
+            if row.row != counts["utterances"]:  # the shards cover rows 0..N-1 once each (plan_shards)
+                raise PseudoLabelError(f"{out}: the shards' rows are not the manifest's rows in order "
+                                       f"(row {row.row} where {counts['utterances']} was due); re-plan the shards")
+            flag = keep_row(row, setup.sample_rate, min_score_per_frame, length_ratio, drop_empty)
+            per_frame = row.score / max(row.frames, 1)
+            if flag:
+                tsv.write(f"{row.entry.rel_path}\t{row.entry.num_samples}\n")
+                wrd.write(row.words + "\n")
+                ltr.write(row.letters + "\n")
+                counts["kept"] += 1
+                counts["kept_samples"] += row.entry.num_samples
+            scores.write(f"{row.row}\t{row.entry.rel_path}\t{row.frames}\t{row.score:.6f}\t{per_frame:.6f}\t{int(flag)}\n")
+            counts["utterances"] += 1
+            counts["samples"] += row.entry.num_samples
+            counts["empty"] += not row.words.strip()
+            score_sum += row.score
+            score_per_frame_sum += per_frame
+            if references is not None:
+                reference = next(references, None)
+                if reference is None:  # a row without a transcript: no WER for this set
+                    references = None
+                    continue
+                all_errors.add(reference, row.words)
+                if flag:
+                    kept_errors.add(reference, row.words)
+        writer.commit()
+    except BaseException:
+        writer.discard()
+        raise
     Dictionary.from_symbols(setup.dictionary[4:]).save(out / "dict.ltr.txt")  # task.data=<output> works alone
 
+    utterances = counts["utterances"]
     summary: dict[str, Any] = {
-        "utterances": len(rows), "kept": len(kept),
-        "hours": sum(row.entry.num_samples for row in rows) / setup.sample_rate / 3600,
-        "kept_hours": sum(row.entry.num_samples for row in kept) / setup.sample_rate / 3600,
-        "mean_score": sum(row.score for row in rows) / max(len(rows), 1),
-        "mean_score_per_frame": sum(row.score / max(row.frames, 1) for row in rows) / max(len(rows), 1),
-        "empty": sum(1 for row in rows if not row.words.strip()), "shards": len(shards),
+        "utterances": utterances, "kept": counts["kept"],
+        "hours": counts["samples"] / setup.sample_rate / 3600,
+        "kept_hours": counts["kept_samples"] / setup.sample_rate / 3600,
+        "mean_score": score_sum / max(utterances, 1),
+        "mean_score_per_frame": score_per_frame_sum / max(utterances, 1),
+        "empty": counts["empty"], "shards": len(shards),
         "decode": setup.decode, "rescore": setup.rescore, "checkpoint": setup.checkpoint,
         "fingerprint": setup.fingerprint,
     }
-    references = hidden_references(setup.manifest, setup.rows, setup.post_process)
     if references is not None:
-        summary["wer"] = pseudo_label_wer(rows, references)
-        summary["kept_wer"] = pseudo_label_wer(kept, references)
+        summary["wer"] = all_errors.wer
+        summary["kept_wer"] = kept_errors.wer
     write_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
-
-
-def pseudo_label_wer(rows: Sequence[LabeledRow], references: Sequence[str]) -> float:
-    """Corpus WER of the pseudo-labels against the hidden transcripts (repro.decode.wer, as evaluate scores)."""
-    results = [UtteranceResult(id=row.row, ref_units=label_text(references[row.row]), hyp_units=row.letters,
-                               ref_words=references[row.row], hyp_words=row.words) for row in rows]
-    return score_results(results).wer if results else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,10 +25,11 @@ from repro.config import ReproConfig
 from repro.data.dataset import FileAudioDataset, load_labels
 from repro.data.dictionary import Dictionary
 from repro.data.librispeech import TranscriptLookup, words_to_letters
-from repro.data.manifest import read_manifest, write_manifest
+from repro.data.manifest import ManifestEntry, format_manifest, read_manifest, write_manifest
 from repro.data.synth import make_corpus
 from repro.decode.evaluate import run_evaluate
 from repro.decode.lexicon import LexiconError
+from repro.decode.wer import corpus_wer
 from repro.launch.pseudo_label import describe_pseudo_label, run_pseudo_label, run_shards_on_slurm
 from repro.models.ctc import Wav2Vec2CTC
 from repro.models.presets import PRESETS
@@ -430,3 +431,70 @@ def test_st_compare_records_whether_self_training_beat_the_labelling_model(tmp_p
     (labeler_run / "eval" / "results.json").unlink()
     with pytest.raises(PseudoLabelError, match="labelling model's run"):
         self_training.run_compare(cfg, st_run)
+
+
+# --- the merge streams ---------------------------------------------------------------------------
+
+
+def written_labelling(tmp_path: Path, rows: int = 400, num_shards: int = 9):
+    """Shards written by the stage's own writer for a manifest of `rows` utterances (no audio needed to merge)."""
+    sizes = [1600 * (1 + (row * 7) % 13) for row in range(rows)]
+    entries = [ManifestEntry(f"spk/{row}.flac", size) for row, size in enumerate(sizes)]
+    write_manifest(tmp_path / "pool.tsv", tmp_path / "audio", entries)
+    words = [f"W{row % 17} X{row % 5}" if row % 11 else "" for row in range(rows)]
+    (tmp_path / "pool.wrd").write_text("".join(f"W{row % 17} Y\n" for row in range(rows)))  # hidden references
+    dictionary = Dictionary.from_symbols(list("|WXY0123456789"))
+    setup = self_training.LabelingSetup(
+        manifest=str(tmp_path / "pool.tsv"), rows=rows, output_dir=str(tmp_path / "out"), checkpoint="labeler.pt",
+        dictionary=tuple(dictionary.symbols), decode={"type": "kenlm"}, normalize=False, sample_rate=16000,
+        max_tokens=20_000, post_process="letter", cpu=True, rescore=None, fingerprint="f")
+    shards = plan_shards(sizes, num_shards, setup.max_tokens)
+    for shard in shards:
+        self_training.write_shard_outputs(setup, shard, tmp_path / "audio", [entries[row] for row in shard.rows],
+                                          [words[row] for row in shard.rows], [sizes[row] // 320 for row in shard.rows],
+                                          [-0.37 * row for row in shard.rows])
+    return setup, shards, entries, words
+
+
+def test_merge_streams_one_row_per_shard_and_writes_the_manifest_order(tmp_path, monkeypatch):
+    setup, shards, entries, words = written_labelling(tmp_path)
+    assert len(shards) == 9 and any(min(shard.rows) < max(other.rows) for shard in shards for other in shards
+                                    if other is not shard)  # shards interleave in manifest order
+    read, ahead = [0], []
+    original_rows, original_keep = self_training.iter_shard_rows, self_training.keep_row
+
+    def counting_rows(*args):
+        for row in original_rows(*args):
+            read[0] += 1
+            yield row
+
+    def watching_keep(row, *args):
+        ahead.append(read[0] - row.row)  # rows read but not yet written
+        return original_keep(row, *args)
+
+    monkeypatch.setattr(self_training, "iter_shard_rows", counting_rows)
+    monkeypatch.setattr(self_training, "keep_row", watching_keep)
+    summary = self_training.merge_shards(setup, shards, "pseudo", drop_empty=True)
+    assert read[0] == len(entries) and max(ahead) <= len(shards)  # never more than one row per shard held
+    out = Path(setup.output_dir)
+    kept = [row for row in range(len(entries)) if words[row]]
+    assert (out / "pseudo.tsv").read_text() == format_manifest(tmp_path / "audio", [entries[row] for row in kept])
+    assert (out / "pseudo.wrd").read_text() == "".join(words[row] + "\n" for row in kept)
+    assert summary["utterances"] == len(entries) and summary["kept"] == len(kept)
+    references = [f"W{row % 17} Y" for row in range(len(entries))]
+    assert summary["wer"] == pytest.approx(corpus_wer(references, words), abs=1e-9)
+    assert summary["kept_wer"] == pytest.approx(corpus_wer([references[r] for r in kept], [words[r] for r in kept]))
+    assert summary["mean_score"] == pytest.approx(-0.37 * (len(entries) - 1) / 2, abs=1e-6)
+
+
+def test_merge_beyond_the_open_file_budget_goes_through_run_files_to_the_same_bytes(tmp_path):
+    setup, shards, _, _ = written_labelling(tmp_path, rows=300, num_shards=12)
+    out = Path(setup.output_dir)
+    direct = self_training.merge_shards(setup, shards, "direct")
+    grouped = self_training.merge_shards(setup, shards, "grouped", max_open_files=12)  # 3 shards a run, 4 runs
+    for suffix in ("tsv", "ltr", "wrd", "scores.tsv"):
+        assert (out / f"direct.{suffix}").read_bytes() == (out / f"grouped.{suffix}").read_bytes()
+    assert direct == grouped and not list((out / "merge_runs").glob("*"))
+    with pytest.raises(PseudoLabelError, match="raise `ulimit -n`"):
+        self_training.merge_shards(setup, shards, "tiny", max_open_files=4)  # 12 runs of one shard > 4 files
+    assert not (out / "tiny.tsv").exists()
