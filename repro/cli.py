@@ -194,6 +194,31 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return objective_value(cfg.sweep_objective, result) if cfg.sweep_objective else None
 
 
+def refusal_before_the_run(overrides: list[str]) -> str | None:
+    """Why the command must be refused before Hydra creates (or writes into) its run directory, or None.
+
+    A self-training row's stage=finetune / stage=evaluate before its pseudo-labels exist is refused; Hydra
+    would already have written `.hydra/` and `cli.log` into the run directory by the time the app runs, so
+    the row is composed here first (only when `stage=` is given, the one case that can be refused). Anything
+    unusual (Hydra flags, a multirun, overrides that do not compose) is left to the app, which says it."""
+    if any(argument.startswith("-") for argument in overrides):
+        return None
+    if not any(argument.startswith("stage=") and argument != "stage=pseudo_label" for argument in overrides):
+        return None
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+            run_dir = Path(str(cfg.hydra.run.dir)).absolute()
+    except Exception:  # noqa: BLE001  (the app composes again and reports it properly)
+        return None
+    return missing_pseudo_labels(cfg, run_dir)
+
+
 def main() -> None:
     sys.argv = _rewrite_plan_gpus(_rewrite_shorthands(sys.argv))
+    if (problem := refusal_before_the_run(sys.argv[1:])) is not None:
+        print(f"repro: {problem}", file=sys.stderr)  # nothing created or written: the directory stays as it was
+        sys.exit(2)
     _hydra_main()

@@ -171,3 +171,28 @@ def test_bayesian_decoding_sweep_composes_with_the_optuna_sweeper(tmp_path):
     assert job.returncode == 0, job.stderr
     cfg = OmegaConf.create(job.stdout)
     assert cfg.sweep_objective == "dev_other/lm_sweep/wer" and cfg.stage == "evaluate"
+
+
+def test_a_refused_self_training_stage_leaves_the_run_directory_as_it_was(tmp_path):
+    """stage=finetune of an _st row before its pseudo-labels: refused before Hydra creates the run directory
+    (no .hydra/, no cli.log) or writes into an existing one."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # this checkout's repro
+
+    def refused(run_dir: Path, stage: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "repro", "experiment=large_lv60_10m_st", f"stage={stage}",
+                               "tracker=none", f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, env=env)
+
+    fresh = tmp_path / "runs" / "fresh"
+    result = refused(fresh, "finetune")
+    assert result.returncode == 2 and "needs its pseudo_label stage to have finished" in result.stderr
+    assert not fresh.exists() and not fresh.parent.exists()
+    existing = tmp_path / "existing"
+    (existing / ".hydra").mkdir(parents=True)
+    (existing / ".hydra" / "config.yaml").write_text("experiment: large_lv60_10m_st  # an earlier run's\n")
+    (existing / "status.json").write_text('{"status": "failed", "completed_stages": []}\n')
+    before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in existing.rglob("*") if path.is_file()}
+    result = refused(existing, "evaluate")
+    assert result.returncode == 2 and f"finished in {existing}" in result.stderr
+    after = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in existing.rglob("*") if path.is_file()}
+    assert after == before
