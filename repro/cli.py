@@ -113,6 +113,8 @@ def run(cfg: DictConfig) -> tuple[int, object]:
         if not slurm.inside_slurm_job():
             if cfg.selection.type == "grid" and "finetune" in stages:
                 return selection.submit_grid(cfg, run_dir), None
+            if "pseudo_label" in stages and not cfg.self_training.wait:  # array -> merge job -> the row's job
+                return slurm.submit_self_training(cfg, run_dir, stages), None
             if "pseudo_label" in stages:  # its own SLURM job array, submitted and awaited from here
                 run_stages(cfg, run_dir, name=cfg.experiment, stages=[implementations[stages.index("pseudo_label")]],
                            gpus=0, tracker=build_tracker(cfg, run_dir))

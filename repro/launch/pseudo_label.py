@@ -7,8 +7,10 @@ Where the shards run (repro/train/self_training.py does the labelling itself):
 * `cluster=slurm*`: one SLURM job array through submitit's `executor.map_array`, one array task per
   shard (`self_training.shard_gpus` GPUs each, at most `array_parallelism` at once). Each task is
   checkpointable in submitit's sense, so a preempted or timed-out shard is requeued alone; a shard
-  that fails is submitted again alone, up to `self_training.max_retries` times. The stage waits for the
-  array, then merges.
+  that fails is submitted again alone, up to `self_training.max_retries` times. From the submitting
+  host (repro/launch/slurm.py `submit_self_training`) the array is submitted with a merge job that
+  depends on it, and the command returns; with `self_training.wait=true`, or inside a SLURM job, the
+  stage waits for the array, then merges.
 
 Every shard writes its files atomically and a marker last, so re-running the same command (after a
 crash, a `scancel`, a node failure) labels only the shards without a marker, then merges.
@@ -121,13 +123,9 @@ def array_parameters(cfg: DictConfig, jobs: int) -> dict[str, object]:
     return params
 
 
-def run_shards_on_slurm(cfg: DictConfig, setup: LabelingSetup, shards: Sequence[Shard],
-                        backend: str = "slurm") -> dict[int, str]:
-    """Submit `shards` as one job array, wait for every task; {index: error} of the failed ones.
-
-    `backend` is submitit's cluster: "slurm", or "local" (submitit's own process executor) to run the
-    same array machinery on a machine without SLURM.
-    """
+def submit_shard_array(cfg: DictConfig, setup: LabelingSetup, shards: Sequence[Shard],
+                       backend: str = "slurm") -> list[submitit.Job]:
+    """Submit `shards` as one job array (one task each); their ids are appended to `<output>/slurm/job_ids`."""
     folder = Path(setup.output_dir) / "slurm"
     executor = submitit.AutoExecutor(folder=folder, cluster=backend, slurm_max_num_timeout=int(cfg.cluster.max_num_timeout))
     executor.update_parameters(**array_parameters(cfg, len(shards)))
@@ -135,6 +133,17 @@ def run_shards_on_slurm(cfg: DictConfig, setup: LabelingSetup, shards: Sequence[
     with (folder / "job_ids").open("a") as ids:
         ids.write(" ".join(job.job_id for job in jobs) + "\n")
     say(f"submitted {len(jobs)} shard(s) as SLURM job array {jobs[0].job_id.split('_')[0]}; logs in {folder}")
+    return jobs
+
+
+def run_shards_on_slurm(cfg: DictConfig, setup: LabelingSetup, shards: Sequence[Shard],
+                        backend: str = "slurm") -> dict[int, str]:
+    """Submit `shards` as one job array, wait for every task; {index: error} of the failed ones.
+
+    `backend` is submitit's cluster: "slurm", or "local" (submitit's own process executor) to run the
+    same array machinery on a machine without SLURM.
+    """
+    jobs = submit_shard_array(cfg, setup, shards, backend)
     reported = -1
     while (finished := sum(job.done() for job in jobs)) < len(jobs):
         if finished != reported:
@@ -181,14 +190,34 @@ def label_all(cfg: DictConfig, setup: LabelingSetup, shards: Sequence[Shard]) ->
                                "re-run the same command to retry only these")
 
 
+def planned_labelling(cfg: DictConfig, run_dir: Path) -> tuple[LabelingSetup, list[Shard]]:
+    """The checked setup (every input checked before any work) and its shards; writes `<output>/setup.json`."""
+    setup = prepare_labeling(cfg, Path(run_dir))
+    sizes = [entry.num_samples for entry in read_manifest(setup.manifest).entries]
+    shards = plan_shards(sizes, int(cfg.self_training.num_shards), setup.max_tokens)
+    write_atomic(Path(setup.output_dir) / "setup.json",
+                 json.dumps(describe_setup(setup), indent=1, sort_keys=True, default=str) + "\n")
+    return setup, shards
+
+
+def submit_labelling(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """cluster=slurm, not waiting: submit the unfinished shards as one job array and return at once.
+
+    Returns {"array": its job id (None when every shard is done), "shards", "todo", "folder", "output_dir"}.
+    """
+    setup, shards = planned_labelling(cfg, run_dir)
+    todo = [shard for shard in shards if not shard_is_done(setup, shard)]
+    say(f"{len(shards)} shard(s) of {setup.manifest}: {len(shards) - len(todo)} already done, {len(todo)} to label")
+    jobs = submit_shard_array(cfg, setup, todo) if todo else []
+    return {"array": jobs[0].job_id.split("_")[0] if jobs else None, "shards": len(shards), "todo": len(todo),
+            "folder": str(Path(setup.output_dir) / "slurm"), "output_dir": setup.output_dir}
+
+
 def run_pseudo_label(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, Any]:
     """Stage `pseudo_label` (Xu et al. 2021): label `self_training.unlabeled_data`, write the combined split."""
     st = cfg.self_training
-    setup = prepare_labeling(cfg, Path(run_dir))  # every input checked before any work
-    sizes = [entry.num_samples for entry in read_manifest(setup.manifest).entries]
-    shards = plan_shards(sizes, int(st.num_shards), setup.max_tokens)
+    setup, shards = planned_labelling(cfg, run_dir)
     out = Path(setup.output_dir)
-    write_atomic(out / "setup.json", json.dumps(describe_setup(setup), indent=1, sort_keys=True, default=str) + "\n")
     if tracker is not None:
         tracker.log_params({"pseudo_label/shards": len(shards), "pseudo_label/checkpoint": setup.checkpoint,
                             "pseudo_label/decoder": setup.decode.get("name") or setup.decode["type"]})
@@ -199,6 +228,7 @@ def run_pseudo_label(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dic
     summary["combined"] = write_combined_split(Path(cfg.task.data), cfg.dataset.train_subset, out, st.name,
                                                st.combined_subset, bool(st.include_labeled))
     summary["seconds"] = time.time() - started
+    summary["merged_in_slurm_job"] = os.environ.get("SLURM_JOB_ID")  # the merge job, when submitted without waiting
     write_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n")
     wer = f", pseudo-label WER {summary['wer']:.2f}" if "wer" in summary else ""
     say(f"{summary['utterances']} utterance(s) labelled ({summary['hours']:.2f} h), {summary['kept']} kept, mean "

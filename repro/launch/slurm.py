@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from repro.launch.plan import LaunchPlan, describe_selection, executor_parameters, plan_launch
 from repro.launch.preemption import clear_stop_request, request_stop, stop_requested
-from repro.launch.pseudo_label import describe_pseudo_label
+from repro.launch.pseudo_label import describe_pseudo_label, submit_labelling
 
 JOB_MARKER_ENV = "REPRO_SLURM_JOB"
 """Set to 1 for the training process a SlurmStageJob starts."""
@@ -132,12 +132,12 @@ def _job_config(cfg: DictConfig, plan: LaunchPlan) -> DictConfig:
     return job_cfg
 
 
-def freeze_config(cfg: DictConfig, plan: LaunchPlan, folder: Path) -> Path:
+def freeze_config(cfg: DictConfig, plan: LaunchPlan, folder: Path, name: str = FROZEN_CONFIG_NAME) -> Path:
     """Write the job's config as a primary Hydra config validated by the same schema."""
     folder.mkdir(parents=True, exist_ok=True)
     frozen = OmegaConf.create({"defaults": ["repro_schema", "_self_"]})
     frozen.merge_with(_job_config(cfg, plan))
-    path = folder / f"{FROZEN_CONFIG_NAME}.yaml"
+    path = folder / f"{name}.yaml"
     path.write_text("# Frozen at submission by repro/launch/slurm.py; the job (and every requeue) runs this.\n"
                     + OmegaConf.to_yaml(frozen))
     return path
@@ -160,25 +160,63 @@ def submit(cfg: DictConfig, run_dir: Path) -> int:
     return 0
 
 
-def submit_job(cfg: DictConfig, run_dir: Path, after: Sequence[str] = ()) -> str:
+def submit_job(cfg: DictConfig, run_dir: Path, after: Sequence[str] = (), config_name: str = FROZEN_CONFIG_NAME,
+               cancel_with_dependency: bool = False) -> str:
     """Submit the configured stages as one SLURM job, started only once the jobs `after` succeeded; returns its id.
 
-    Raises ValueError when the plan cannot keep the paper's batch on this cluster."""
+    `config_name` names the frozen config (jobs of one run directory that run different stages need their
+    own); `cancel_with_dependency` has SLURM cancel the job when a job it waits for fails, instead of
+    leaving it pending for ever. Raises ValueError when the plan cannot keep the paper's batch on this cluster."""
     plan = plan_launch(cfg)
     run_dir = Path(run_dir).absolute()
     folder = run_dir / SUBMIT_DIR
-    freeze_config(cfg, plan, folder)
+    freeze_config(cfg, plan, folder, config_name)
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=plan.max_num_timeout)
     additional: dict[str, Any] = {"requeue": True}
     if after:
         additional["dependency"] = "afterok:" + ":".join(after)
+        if cancel_with_dependency:
+            additional["kill-on-invalid-dep"] = "yes"
     executor.update_parameters(**executor_parameters(cfg, plan), slurm_additional_parameters=additional)
-    job = executor.submit(SlurmStageJob(str(folder), FROZEN_CONFIG_NAME, str(run_dir), str(Path.cwd())))
+    job = executor.submit(SlurmStageJob(str(folder), config_name, str(run_dir), str(Path.cwd())))
     with (folder / "job_ids").open("a") as ids:
         ids.write(f"{job.job_id}\n")
     print(f"repro: submitted {cfg.experiment} as SLURM job {job.job_id} ({plan.world_size} task(s), "
           f"update_freq {plan.update_freq}); run dir {run_dir}; logs {folder}/{job.job_id}_*_log.out", flush=True)
     return str(job.job_id)
+
+
+MERGE_CONFIG_NAME = "pseudo_label_merge"
+
+
+def submit_self_training(cfg: DictConfig, run_dir: Path, stages: Sequence[str]) -> int:
+    """Stage pseudo_label on SLURM without waiting: the unfinished shards as one job array, the merge as a
+    CPU job that starts once every array task succeeded (`afterok`), the row's other stages as one job after
+    the merge; print the job ids and how to follow them, and return (exit code).
+
+    A failed shard cancels the jobs after it (kill-on-invalid-dep); re-running the same command submits
+    only the shards without a marker. `self_training.wait=true` waits here instead (and retries failed shards).
+    """
+    run_dir = Path(run_dir).absolute()
+    try:
+        submitted = submit_labelling(cfg, run_dir)
+        merge_cfg = OmegaConf.merge(cfg, {"stage": "pseudo_label", "cluster": {"nodes": 1, "gpus_per_node": 0},
+                                          "distributed_training": {"paper_world_size": None}})
+        after = [submitted["array"]] if submitted["array"] else []
+        merge = submit_job(merge_cfg, run_dir, after=after, config_name=MERGE_CONFIG_NAME, cancel_with_dependency=True)
+        rest = [stage for stage in stages if stage != "pseudo_label"]
+        row = (submit_job(OmegaConf.merge(cfg, {"stage": None, "stages": rest}), run_dir, after=[merge],
+                          cancel_with_dependency=True) if rest else None)
+    except ValueError as error:
+        print(f"repro: cannot launch {cfg.experiment}: {error}", file=sys.stderr)
+        return 2
+    jobs = [job for job in (submitted["array"], merge, row) if job]
+    print(f"repro: pseudo_label of {cfg.experiment}: shard array {submitted['array'] or '(none: every shard is done)'} "
+          f"({submitted['todo']} of {submitted['shards']} shard(s)), merge job {merge} after it"
+          + (f", then {', '.join(rest)} as job {row}" if row else "")
+          + f". Follow with: squeue -j {','.join(jobs)}; shard logs in {submitted['folder']}, merge and row logs in "
+          f"{run_dir / SUBMIT_DIR}; results in {submitted['output_dir']}/summary.json", flush=True)
+    return 0
 
 
 # --- inside the job -----------------------------------------------------------------------------

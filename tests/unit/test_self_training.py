@@ -498,3 +498,32 @@ def test_merge_beyond_the_open_file_budget_goes_through_run_files_to_the_same_by
     with pytest.raises(PseudoLabelError, match="raise `ulimit -n`"):
         self_training.merge_shards(setup, shards, "tiny", max_open_files=4)  # 12 runs of one shard > 4 files
     assert not (out / "tiny.tsv").exists()
+
+
+def test_slurm_submission_chains_array_merge_and_row_jobs_without_waiting(monkeypatch, tmp_path, capsys):
+    """The job chain of a self-training row on SLURM (tests/integration runs the array and merge for real)."""
+    from repro.launch import slurm
+
+    submitted = []
+    monkeypatch.setattr(slurm, "submit_labelling", lambda cfg, run_dir: {
+        "array": "41", "shards": 3, "todo": 2, "folder": "pl/slurm", "output_dir": "pl"})
+
+    def fake_submit_job(cfg, run_dir, after=(), config_name=slurm.FROZEN_CONFIG_NAME, cancel_with_dependency=False):
+        submitted.append({"stage": cfg.stage, "stages": list(cfg.stages), "gpus": cfg.cluster.gpus_per_node,
+                          "after": list(after), "config": config_name, "cancel": cancel_with_dependency})
+        return str(42 + len(submitted) - 1)
+
+    monkeypatch.setattr(slurm, "submit_job", fake_submit_job)
+    cfg = OmegaConf.structured(ReproConfig)
+    cfg.experiment = "large_lv60_10m_st"
+    cfg.stages = ["pseudo_label", "finetune", "evaluate"]
+    cfg.cluster = OmegaConf.merge(cfg.cluster, {"name": "slurm", "gpus_per_node": 8})
+    assert slurm.submit_self_training(cfg, tmp_path, list(cfg.stages)) == 0
+    merge, row = submitted
+    assert merge == {"stage": "pseudo_label", "stages": ["pseudo_label", "finetune", "evaluate"], "gpus": 0,
+                     "after": ["41"], "config": slurm.MERGE_CONFIG_NAME, "cancel": True}
+    assert row == {"stage": None, "stages": ["finetune", "evaluate"], "gpus": 8, "after": ["42"],
+                   "config": slurm.FROZEN_CONFIG_NAME, "cancel": True}
+    said = capsys.readouterr().out
+    assert "shard array 41 (2 of 3 shard(s)), merge job 42 after it, then finetune, evaluate as job 43" in said
+    assert "squeue -j 41,42,43" in said
