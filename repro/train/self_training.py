@@ -109,10 +109,11 @@ class LabelingSetup:
     """How label units become words ('letter')."""
     cpu: bool
     """Compute emissions on CPU even when a GPU is visible."""
-    rescore: dict[str, Any] | None
-    """Transformer-LM rescoring of the beam's n-best (lm_model, nbest, lm_weight, word_score, ngram_weight), or None."""
     fingerprint: str
     """Hash of everything above that changes the labels: a shard made with another one is redone."""
+    rescore: dict[str, Any] | None = None
+    """Transformer-LM rescoring of the beam's n-best (lm_model, nbest, lm_weight, word_score, ngram_weight), or None
+    (in the fingerprint too)."""
 
 
 @dataclass(frozen=True)
