@@ -287,8 +287,10 @@ def describe_pseudo_label(cfg: DictConfig) -> list[str]:
         lines.append(f"  decoder: {error}")
     shards = plan_shards(sizes, int(st.num_shards), int(cfg.dataset.max_tokens or 4_000_000)) if sizes else []
     num_shards = len(shards) or int(st.num_shards)
+    then = ("this host waits, then merges" if st.wait else
+            "then a merge job after it (afterok) and the row's other stages after the merge; the command returns")
     where = (f"SLURM job array of {len(shards) or st.num_shards} task(s), {st.shard_gpus} GPU(s) each, at most "
-             f"{st.array_parallelism} at once" if cfg.cluster.name == "slurm"
+             f"{st.array_parallelism} at once; {then}" if cfg.cluster.name == "slurm"
              else f"this machine, {st.workers} process(es)")
     lines.append(f"  shards: {len(shards) or st.num_shards} ({where}); retries per shard: {st.max_retries}")
     lines.append(f"  output: {st.output_dir or '<run_dir>/pseudo_labels'}/{st.name}.{{tsv,ltr,wrd,scores.tsv}}, "

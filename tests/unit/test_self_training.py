@@ -249,6 +249,7 @@ def test_dry_run_describes_the_labelling_plan(corpus, tmp_path):
                                    "paper": {"pretrain_data": "LV-60k"}, "cluster": {"name": "slurm"}})
     lines = "\n".join(describe_pseudo_label(remote))
     assert "LV-60k is 53,200 h" in lines and "SLURM job array of 4 task(s)" in lines and "GPU-hours" in lines
+    assert "then a merge job after it (afterok)" in lines
 
 
 # --- bad input: a clear error before any work -----------------------------------------------------
@@ -527,3 +528,44 @@ def test_slurm_submission_chains_array_merge_and_row_jobs_without_waiting(monkey
     said = capsys.readouterr().out
     assert "shard array 41 (2 of 3 shard(s)), merge job 42 after it, then finetune, evaluate as job 43" in said
     assert "squeue -j 41,42,43" in said
+
+
+def test_demo_st_row_runs_its_stages_on_the_synthetic_corpus(corpus, tmp_path):
+    """experiment=demo_st as `make demo` runs it (2 shards in 2 processes, the 4-gram beam, re-fine-tuning from
+    the pretrained model, evaluate, st_compare), at toy size: its files point at this test's corpus and models."""
+    from repro.models.wav2vec2 import Wav2Vec2Model
+
+    runs = tmp_path / "runs"
+    labeler = runs / "demo" / "pretrained_10m"
+    (labeler / "checkpoints").mkdir(parents=True)
+    (labeler / "checkpoints" / "checkpoint_best.pt").write_bytes(corpus["checkpoint"].read_bytes())
+    splits, decodings = ["dev_clean", "dev_other", "test_clean", "test_other"], ["viterbi", "kenlm_4gram"]
+    (labeler / "eval").mkdir()
+    (labeler / "eval" / "results.json").write_text(json.dumps(
+        {"results": {split: {decoding: {"wer": 100.0} for decoding in decodings} for split in splits}}))
+    pretrained = runs / "demo" / "pretrain" / "checkpoints" / "checkpoint_last.pt"
+    pretrained.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    atomic_save(model_file(kind="wav2vec2", model_state=Wav2Vec2Model(PRESETS["tiny"]).state_dict(),
+                           model_cfg=dataclasses.asdict(PRESETS["tiny"]), task_cfg={"normalize": False},
+                           dictionary=None), pretrained)
+    lm, run_dir = corpus["lm"], tmp_path / "demo_st"
+    command = [
+        sys.executable, "-m", "repro", "experiment=demo_st", "tracker=none", "common.cpu=true",
+        f"hydra.run.dir={run_dir}", f"task.data={corpus['data']}", f"model.w2v_path={pretrained}",
+        f"self_training.unlabeled_data={corpus['unlabeled']}",
+        f"self_training.labeling_checkpoint={labeler / 'checkpoints' / 'checkpoint_best.pt'}",
+        f"decodings.kenlm_4gram.lm_model={lm / '4-gram.bin'}", f"decodings.kenlm_4gram.lexicon={lm / 'lexicon.txt'}",
+        "decodings.kenlm_4gram.beam=20", "optimization.max_update=2", "dataset.max_tokens=160000",
+        "dataset.validate_interval_updates=2", "checkpoint.save_interval_updates=2",
+    ]
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((run_dir / "pseudo_labels" / "summary.json").read_text())
+    assert summary["shards"] == 2 and summary["rescore"] is None and summary["decode"]["name"] == "kenlm_4gram"
+    assert summary["combined"]["pseudo"] == len(read_manifest(corpus["unlabeled"])) and "wer" in summary
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["completed_stages"] == ["pseudo_label", "finetune", "evaluate", "st_compare"]
+    compared = json.loads((run_dir / "self_training.json").read_text())
+    assert compared["compared"] == len(splits) * len(decodings)
