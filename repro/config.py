@@ -798,6 +798,9 @@ class DemoConfig:
     """Where the report is written."""
     threads: int = positive(1)
     """torch threads of every step (1: shares a 2-core machine with another job without collapsing)."""
+    processes: int = positive(2)
+    """Steps run side by side, each in its own process (capped at the CPU count; 1 = one after another
+    in the demo's process). From-scratch fine-tuning runs beside the pretraining."""
     auto_size: bool = True
     """On a CUDA machine, run the `cuda` size instead of the CPU one."""
     cuda: DemoSizeConfig = field(default_factory=DemoSizeConfig)

@@ -78,6 +78,11 @@ def test_every_stage_left_its_artifacts(demo_run):
     steps = json.loads((runs / "steps.json").read_text())
     assert [s["name"] for s in steps][1:6] == ["demo/pretrain"] + [f"demo/{name}" for name in expected[1:]]
     assert all(0 < s["peak_rss_mb"] < 4096 for s in steps)  # bounded: the old demo held ~2.5 GB
+    # demo.processes=2 (default): from-scratch fine-tuning runs beside the pretraining, each in a process
+    by_name = {s["name"]: s for s in steps}
+    pretrain_end = by_name["demo/pretrain"]["started"] + by_name["demo/pretrain"]["seconds"]
+    assert by_name["demo/scratch_10m"]["started"] < pretrain_end
+    assert by_name["demo/pretrained_10m"]["started"] >= pretrain_end
     assert "peak RSS (MiB)" in first.stdout
 
 
