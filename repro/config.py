@@ -732,7 +732,7 @@ class SelfTrainingConfig:
     """Entry of `decodings` (a `fairseqlm` one) whose Transformer LM rescores the labelling beam's n-best, weighted
     by its lm_weight / word_score (Xu et al. v1 §2.2: 50 best rescored with the Transformer LM); None = the beam's best."""
     rescore_nbest: int = positive(50)
-    """Distinct transcriptions of the labelling beam that are rescored (Xu et al. v1: 50)."""
+    """Distinct transcriptions of the labelling beam that are rescored (Xu et al. v1: 50; 4x as many beam results are read)."""
     rescore_ngram_weight: float | None = None
     """Weight of the beam's 4-gram score in the rescored total; None = the labelling beam's lm_weight."""
     wait: bool = False

@@ -220,7 +220,8 @@ def run_pseudo_label(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dic
     out = Path(setup.output_dir)
     if tracker is not None:
         tracker.log_params({"pseudo_label/shards": len(shards), "pseudo_label/checkpoint": setup.checkpoint,
-                            "pseudo_label/decoder": setup.decode.get("name") or setup.decode["type"]})
+                            "pseudo_label/decoder": setup.decode.get("name") or setup.decode["type"],
+                            "pseudo_label/rescore": setup.rescore["decoding"] if setup.rescore else "none"})
     started = time.time()
     label_all(cfg, setup, shards)
     summary = merge_shards(setup, shards, st.name, st.min_score_per_frame,

@@ -422,7 +422,8 @@ def decode_and_rescore(setup: LabelingSetup, emissions: Sequence[torch.Tensor], 
     """Each utterance's beam n-best rescored with the Transformer LM (Xu et al. v1 §2.2): (words, combined score)."""
     options = setup.rescore
     assert options is not None
-    decode = {**setup.decode, "nbest": max(int(setup.decode.get("nbest") or 1), int(options["nbest"]))}
+    # alignments of one transcription crowd the beam's n-best: read 4x as many to find `nbest` distinct ones
+    decode = {**setup.decode, "nbest": max(int(setup.decode.get("nbest") or 1), 4 * int(options["nbest"]))}
     decoder = build_decoder(OmegaConf.create(decode), dictionary, device)
     scorer = TransformerSentenceScorer(options["lm_model"], device)
     weights = RescoreWeights(options["ngram_weight"], options["lm_weight"], options["word_score"])
