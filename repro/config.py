@@ -750,7 +750,7 @@ class DemoSizeConfig:
     """Total hours of synthetic speech over all splits."""
     pretrain_updates: int = positive(4000)
     """Pretraining updates."""
-    finetune_updates: int = positive(2000)
+    finetune_updates: dict[str, int] = field(default_factory=lambda: {"10m": 1000, "1h": 1600, "10h": 2000})
     """Fine-tuning updates per labeled split."""
     model_overrides: list[str] = field(default_factory=list)
     """Hydra overrides applied to the pretraining and fine-tuning runs (e.g. `model.encoder_layers=6`)."""
@@ -786,8 +786,8 @@ class DemoConfig:
     """Seed of the synthetic corpus (same seed, same bytes)."""
     pretrain_updates: int= positive(600)
     """Pretraining updates of the tiny model."""
-    finetune_updates: int= positive(400)
-    """Fine-tuning updates per labeled split."""
+    finetune_updates: dict[str, int] = field(default_factory=lambda: {"10m": 500, "1h": 800, "10h": 1000})
+    """Fine-tuning updates per labeled split (`{10m: 500, ...}`): fewer labels overfit sooner."""
     splits: list[str] = field(default_factory=lambda: ["10m", "1h", "10h"])
     """Labeled splits fine-tuned (Libri-light analogues)."""
     from_scratch: bool = True

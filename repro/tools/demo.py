@@ -34,7 +34,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from repro.config import CONF_DIR
+from repro.config import CONF_DIR, ConfigError
 from repro.data.manifest import write_manifest
 from repro.data.synth import make_corpus
 from repro.decode.evaluate import run_evaluate
@@ -152,7 +152,7 @@ class DemoSize:
     corpus_dir: str
     corpus_hours: float
     pretrain_updates: int
-    finetune_updates: int
+    finetune_updates: dict[str, int]
     model_overrides: list[str]
 
 
@@ -161,9 +161,17 @@ def choose_size(demo: DictConfig, cuda_available: bool) -> DemoSize:
     if demo.auto_size and cuda_available:
         big = demo.cuda
         return DemoSize("cuda", str(big.corpus_dir), float(big.corpus_hours), int(big.pretrain_updates),
-                        int(big.finetune_updates), list(big.model_overrides))
+                        _updates_per_split(big.finetune_updates, "demo.cuda.finetune_updates"),
+                        list(big.model_overrides))
     return DemoSize("cpu", str(demo.corpus_dir), float(demo.corpus_hours), int(demo.pretrain_updates),
-                    int(demo.finetune_updates), [])
+                    _updates_per_split(demo.finetune_updates, "demo.finetune_updates"), [])
+
+
+def _updates_per_split(updates: Any, key: str) -> dict[str, int]:
+    if not hasattr(updates, "items"):
+        raise ConfigError(f"{key} must map each labeled split to its updates, e.g. {{10m: 500, 1h: 800, 10h: 1000}}; "
+                         f"got {updates!r}")
+    return {str(split): int(count) for split, count in updates.items()}
 
 
 def run_step(name: str, run_dir: Path, cfg: DictConfig, stages: list[tuple[str, Callable]],
@@ -269,8 +277,13 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
     torch.set_num_threads(max(1, int(demo.threads)))
     bound_heap()
     size = choose_size(demo, torch.cuda.is_available())
+    missing = [split for split in demo.splits if split not in size.finetune_updates]
+    if missing:
+        raise ConfigError(f"demo.finetune_updates has no entry for labeled split(s) {', '.join(missing)} "
+                          f"(it has {', '.join(size.finetune_updates) or 'none'})")
     say(f"size: {size.label} ({size.corpus_hours} h corpus, {size.pretrain_updates} pretraining and "
-        f"{size.finetune_updates} fine-tuning updates, {torch.get_num_threads()} torch thread(s)"
+        f"{', '.join(f'{n} ({s})' for s, n in size.finetune_updates.items())} fine-tuning updates, "
+        f"{torch.get_num_threads()} torch thread(s)"
         + (f", {' '.join(size.model_overrides)}" if size.model_overrides else "") + ")")
     steps: list[StepRecord] = []
     earlier = _earlier_steps(run_dir / STEPS_FILE)
@@ -302,7 +315,7 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
             overrides = [
                 f"task.data={manifests / 'finetune'}",
                 f"dataset.train_subset=train_{split}",
-                f"optimization.max_update={size.finetune_updates}",
+                f"optimization.max_update={size.finetune_updates[split]}",
                 f"model.no_pretrained_weights={from_scratch}",
                 f"model.w2v_path={'null' if from_scratch else pretrained}",
                 f"decodings.kenlm_4gram.lm_model={lm_dir / '4-gram.bin'}",

@@ -42,7 +42,7 @@ def demo_run(tmp_path_factory):
     command = [
         sys.executable, "-m", "repro", "experiment=demo",
         f"demo.corpus_dir={work / 'corpus'}", "demo.corpus_hours=0.1",
-        f"demo.pretrain_updates={PRETRAIN_UPDATES}", "demo.finetune_updates=20", "demo.splits=[10m,1h]",
+        f"demo.pretrain_updates={PRETRAIN_UPDATES}", "demo.finetune_updates={10m:20,1h:20}", "demo.splits=[10m,1h]",
         f"demo.report_dir={work / 'reports'}", f"hydra.run.dir={work / 'runs' / 'demo'}",
     ]  # the demo's default trackers: MLflow (embedded) and W&B (offline)
     # PYTHONPATH: the repro of this checkout, not whichever one the venv has installed

@@ -15,10 +15,10 @@ from repro.tools.demo import choose_size
 
 def _demo_cfg(auto_size: bool):
     return OmegaConf.create({
-        "corpus_dir": "data/synthetic", "corpus_hours": 1.0, "pretrain_updates": 800, "finetune_updates": 600,
+        "corpus_dir": "data/synthetic", "corpus_hours": 1.0, "pretrain_updates": 800, "finetune_updates": {"10m": 600},
         "auto_size": auto_size,
         "cuda": {"corpus_dir": "data/synthetic-cuda", "corpus_hours": 4.0, "pretrain_updates": 4000,
-                 "finetune_updates": 2000, "model_overrides": ["model.encoder_layers=6"]},
+                 "finetune_updates": {"10m": 2000}, "model_overrides": ["model.encoder_layers=6"]},
     })
 
 
