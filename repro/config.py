@@ -794,6 +794,9 @@ class DemoConfig:
     """Also fine-tune each split from a randomly initialised encoder (what pretraining buys)."""
     decodings: list[str] = field(default_factory=lambda: ["viterbi", "kenlm_4gram"])
     """Decoding setups evaluated on every dev/test split."""
+    self_training_split: str | None = "10m"
+    """Self-training step (Xu et al., `experiment=demo_st`): this split's pretrained model labels the unlabeled
+    pool, and the pretrained encoder is fine-tuned again on the split + pseudo-labels; null skips it."""
     report_dir: str = "reports/demo"
     """Where the report is written."""
     threads: int = positive(1)

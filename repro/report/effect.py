@@ -23,6 +23,7 @@ EVAL_SPLITS = ("dev_clean", "dev_other", "test_clean", "test_other")
 MIN_RELATIVE_GAIN = 0.25  # pretrained vs scratch, dev-other, 4-gram, on 10m and 1h
 MAX_10H_DEV_CLEAN_WER = 25.0
 MIN_PRETRAIN_ACCURACY = 0.3
+SELF_TRAINING_PREFIX = "self_training_"  # the demo's self-training run: demo/self_training_<labeled split>
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Effect:
     """Final validation code perplexity, and its maximum (groups x entries)."""
     max_code_perplexity: float | None = None
     checks: list[Check] = field(default_factory=list)
+    self_training: dict[str, float | str] | None = None
+    """The demo's self-training step (Xu et al.): labeled split, pseudo-label WER, its WER and its labeller's."""
 
     def value(self, labeled: str, variant: str, decoding: str, split: str) -> float | None:
         return self.wer.get((labeled, variant, decoding), {}).get(split)
@@ -94,9 +97,22 @@ class Effect:
             parts.append(f"{met} of {len(self.checks)} demo goals met")
         return "; ".join(parts) + "."
 
+    @property
+    def self_training_sentence(self) -> str | None:
+        """Whether self-training beat the model that labelled its data (computed, as the verdict is)."""
+        st = self.self_training
+        if not st or st.get("wer") is None or st.get("labeler_wer") is None:
+            return None
+        labeled, wer, labeler = st["labeled"], float(st["wer"]), float(st["labeler_wer"])
+        outcome = "beat" if wer < labeler else "did not beat"
+        pseudo = f" (pseudo-label WER {float(st['pseudo_label_wer']):.1f}%)" if st.get("pseudo_label_wer") is not None else ""
+        return (f"Self-training on {labeled} + the unlabeled pool labelled by the {labeled} model{pseudo} {outcome} "
+                f"its labeller on dev-other with the 4-gram: {wer:.1f} vs {labeler:.1f}.")
+
     def lines(self) -> list[str]:
         """The verdict and each check, for the demo's terminal summary."""
-        return [f"Verdict: {self.verdict}"] + [f"  [{'x' if c.met else ' '}] {c.text}" for c in self.checks]
+        lines = [f"Verdict: {self.verdict}"] + [f"  [{'x' if c.met else ' '}] {c.text}" for c in self.checks]
+        return lines + ([self.self_training_sentence] if self.self_training_sentence else [])
 
 
 def _variant(record: RunRecord) -> tuple[str, str] | None:
@@ -133,12 +149,22 @@ def effect_summary(records: list[RunRecord]) -> Effect:
             if model.get("latent_vars"):
                 effect.max_code_perplexity = float(int(model["latent_vars"]) * int(model.get("latent_groups") or 2))
             continue
+        leaf = record.name.rsplit("/", 1)[-1]
+        if leaf.startswith(SELF_TRAINING_PREFIX):
+            effect.self_training = {
+                "labeled": leaf[len(SELF_TRAINING_PREFIX):],
+                "wer": record.results.get("kenlm_4gram", {}).get("dev_other", {}).get("wer"),
+                "pseudo_label_wer": _last(record, "pseudo_label/wer")}
+            continue
         key = _variant(record)
         if key is None:
             continue
         for decoding, results in record.results.items():
             effect.wer[(key[0], key[1], decoding)] = {s: v["wer"] for s, v in results.items() if "wer" in v}
             effect.uer[(key[0], key[1], decoding)] = {s: v["uer"] for s, v in results.items() if "uer" in v}
+    if effect.self_training is not None:
+        effect.self_training["labeler_wer"] = effect.value(str(effect.self_training["labeled"]), "pretrained",
+                                                           "kenlm_4gram", "dev_other")
     effect.checks = _checks(effect)
     return effect
 

@@ -134,7 +134,12 @@ def _effect_html(effect: Effect, context: dict | None) -> list[str]:
         if trained:
             minutes = sum(s["seconds"] for s in trained) / 60
             peak = max(s["peak_rss_mb"] for s in trained)
-            timing = f" {len(trained)} steps ran in {minutes:.1f} min, peak resident memory {peak:.0f} MiB."
+            timing = f" {len(trained)} steps took {minutes:.1f} min in all, peak resident memory {peak:.0f} MiB"
+            timed = [s for s in trained if s.get("started")]
+            if len(timed) > 1:  # steps run side by side (demo.processes): the wall time is shorter than the sum
+                span = max(s["started"] + s["seconds"] for s in timed) - min(s["started"] for s in timed)
+                timing += f" per step; {span / 60:.1f} min of wall time with steps side by side"
+            timing += "."
         out.append(
             f"<p>What was run: the demo's <b>{e(str(context.get('size', '')))}</b> size — a "
             f"{e(str(context.get('corpus_hours', '')))} h synthetic corpus, pretraining, then CTC fine-tuning on the "
@@ -142,6 +147,8 @@ def _effect_html(effect: Effect, context: dict | None) -> list[str]:
             f"each decoded with Viterbi and a 4-gram; {context.get('threads', '?')} torch thread(s).{timing}</p>"
         )
     out.append(f"<p class='verdict'>{e(effect.verdict)}</p>")
+    if effect.self_training_sentence:
+        out.append(f"<p>{e(effect.self_training_sentence)}</p>")
     if effect.checks:
         out.append("<ul class='checks'>")
         for check in effect.checks:

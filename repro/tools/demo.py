@@ -24,7 +24,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from repro.config import CONF_DIR, ConfigError
 from repro.data.manifest import write_manifest
 from repro.data.synth import make_corpus
 from repro.decode.evaluate import run_evaluate
+from repro.launch.pseudo_label import run_pseudo_label
 from repro.report.__main__ import write_report
 from repro.report.collect import collect_run_dirs
 from repro.report.effect import effect_summary
@@ -45,6 +46,7 @@ from repro.tools.manifest import build_manifest
 from repro.tools.prepare_librispeech import prepare
 from repro.track import build_tracker
 from repro.track.status import read_status, run_stages
+from repro.train.self_training import run_compare
 from repro.train.stages import run_finetune, run_pretrain
 
 EVAL_SPLITS = ["dev_clean", "dev_other", "test_clean", "test_other"]
@@ -194,7 +196,8 @@ def run_step(name: str, run_dir: Path, cfg: DictConfig, stages: list[tuple[str, 
     return record
 
 
-_STAGE_FUNCTIONS: dict[str, Callable] = {"pretrain": run_pretrain, "finetune": run_finetune, "evaluate": run_evaluate}
+_STAGE_FUNCTIONS: dict[str, Callable] = {"pretrain": run_pretrain, "finetune": run_finetune, "evaluate": run_evaluate,
+                                         "pseudo_label": run_pseudo_label, "st_compare": run_compare}
 
 
 @dataclass
@@ -229,31 +232,38 @@ def _log_file() -> str | None:
     return None
 
 
-def run_steps(pretrain: StepPlan, finetunes: list[tuple[StepPlan, bool]], earlier: dict[str, StepRecord],
-              processes: int, threads: int) -> list[StepRecord]:
-    """Run the pretraining and the fine-tuning steps (`(plan, needs_pretraining)`), `processes` at a time.
+def run_steps(plans: list[tuple[StepPlan, str | None]], earlier: dict[str, StepRecord], processes: int,
+              threads: int) -> list[StepRecord]:
+    """Run `plans` (`(plan, name of the step it needs finished or None)`), `processes` steps at a time.
 
-    Fine-tuning from scratch does not need the pretrained encoder, so it runs beside the pretraining;
-    fine-tuning from the encoder starts when the pretraining has finished. Each step is its own
-    process of `threads` torch threads: on a 2-core CPU, two 1-thread steps side by side finish
-    ~1.9x sooner than one after the other, and slow down evenly (not collapse) when another job
-    shares the cores. Records come back in plan order (pretraining first).
+    Fine-tuning from scratch needs nothing, so it runs beside the pretraining; fine-tuning from the
+    encoder waits for the pretraining, self-training for the model that labels its data. Each step is
+    its own process of `threads` torch threads: on a 2-core CPU two 1-thread steps side by side finish
+    ~1.9x sooner than one after the other, and slow down evenly (not collapse) when another job shares
+    the cores. With one process the steps run in plan order here. Records come back in plan order.
     """
+    names = {plan.name for plan, _ in plans}
+    unknown = [after for _, after in plans if after is not None and after not in names]
+    if unknown:
+        raise ValueError(f"demo steps wait for steps that are not planned: {', '.join(unknown)}")
     if processes <= 1:
-        return [_run_planned_step(plan, earlier) for plan in [pretrain] + [p for p, _ in finetunes]]
+        return [_run_planned_step(plan, earlier) for plan, _ in plans]
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
                              initargs=(threads, _log_file())) as pool:
-        pretrain_future = pool.submit(_run_planned_step, pretrain, earlier)
         futures: dict[str, Future] = {}
-        for plan, needs_pretraining in finetunes:
-            if not needs_pretraining:
-                futures[plan.name] = pool.submit(_run_planned_step, plan, earlier)
-        pretrain_record = pretrain_future.result()  # a failed pretraining raises here
-        for plan, needs_pretraining in finetunes:
-            if needs_pretraining:
-                futures[plan.name] = pool.submit(_run_planned_step, plan, earlier)
-        return [pretrain_record] + [futures[plan.name].result() for plan, _ in finetunes]
+        waiting = list(plans)
+        while waiting:
+            for plan, after in list(waiting):  # submitted in plan order: the pool runs them first come, first served
+                if after is None or (after in futures and futures[after].done()):
+                    if after is not None:
+                        futures[after].result()  # a failed step raises here: the steps after it do not start
+                    futures[plan.name] = pool.submit(_run_planned_step, plan, earlier)
+                    waiting.remove((plan, after))
+            running = [future for future in futures.values() if not future.done()]
+            if waiting and running:
+                wait(running, return_when=FIRST_COMPLETED)
+        return [futures[plan.name].result() for plan, _ in plans]
 
 
 def prepare_data(corpus_dir: Path, hours: float, seed: int) -> Path:
@@ -277,6 +287,9 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
     torch.set_num_threads(max(1, int(demo.threads)))
     bound_heap()
     size = choose_size(demo, torch.cuda.is_available())
+    if demo.self_training_split and demo.self_training_split not in demo.splits:
+        raise ConfigError(f"demo.self_training_split={demo.self_training_split} is not one of demo.splits "
+                          f"({', '.join(demo.splits)}): its pretrained model labels the pool")
     missing = [split for split in demo.splits if split not in size.finetune_updates]
     if missing:
         raise ConfigError(f"demo.finetune_updates has no entry for labeled split(s) {', '.join(missing)} "
@@ -309,7 +322,7 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
 
     lm_dir = corpus_dir / "lm"
     variants = [("pretrained", False)] + ([("scratch", True)] if demo.from_scratch else [])
-    finetunes: list[tuple[StepPlan, bool]] = []
+    plans: list[tuple[StepPlan, str | None]] = [(pretrain, None)]
     for split in demo.splits:
         for variant, from_scratch in variants:
             overrides = [
@@ -326,10 +339,29 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
                 *common,
             ]
             # the MLflow run name is the run directory: demo/pretrained_10m
-            finetunes.append((StepPlan(f"demo/{variant}_{split}", run_dir / f"{variant}_{split}",
-                                       compose_experiment("demo_finetune", overrides), ["finetune", "evaluate"]),
-                              not from_scratch))
-    steps += run_steps(pretrain, finetunes, earlier, processes=min(int(demo.processes), os.cpu_count() or 1), threads=int(demo.threads))
+            plans.append((StepPlan(f"demo/{variant}_{split}", run_dir / f"{variant}_{split}",
+                                   compose_experiment("demo_finetune", overrides), ["finetune", "evaluate"]),
+                          None if from_scratch else pretrain.name))
+    st_split = demo.self_training_split
+    if st_split:  # Xu et al. in miniature: the split's model labels the pool; fine-tune again on both
+        labeler = f"pretrained_{st_split}"
+        st_cfg = compose_experiment("demo_st", [
+            f"task.data={manifests / 'finetune'}",
+            f"dataset.train_subset=train_{st_split}",
+            f"optimization.max_update={size.finetune_updates[st_split]}",
+            f"model.w2v_path={pretrained}",
+            f"self_training.unlabeled_data={manifests / 'pretrain' / 'train.tsv'}",
+            f"self_training.labeling_checkpoint={run_dir / labeler / 'checkpoints' / 'checkpoint_best.pt'}",
+            f"decodings.kenlm_4gram.lm_model={lm_dir / '4-gram.bin'}",
+            f"decodings.kenlm_4gram.lexicon={lm_dir / 'lexicon.txt'}",
+            f"paper.labeled_data={st_split}",
+            f"paper.decoding=[{','.join(demo.decodings)}]",
+            *common,
+        ])
+        plans.append((StepPlan(f"demo/self_training_{st_split}", run_dir / f"self_training_{st_split}", st_cfg,
+                               list(st_cfg.stages)), f"demo/{labeler}"))
+    steps += run_steps(plans, earlier, processes=min(int(demo.processes), os.cpu_count() or 1),
+                       threads=int(demo.threads))
 
     reset_peak_rss()
     report_started = time.time()

@@ -83,6 +83,12 @@ def test_every_stage_left_its_artifacts(demo_run):
     pretrain_end = by_name["demo/pretrain"]["started"] + by_name["demo/pretrain"]["seconds"]
     assert by_name["demo/scratch_10m"]["started"] < pretrain_end
     assert by_name["demo/pretrained_10m"]["started"] >= pretrain_end
+    # the self-training step (Xu et al.): the 10m model labelled the pool; re-fine-tuned, evaluated, compared
+    st_run = runs / "self_training_10m"
+    assert json.loads((st_run / "status.json").read_text())["status"] == "finished"
+    compared = json.loads((st_run / "self_training.json").read_text())
+    assert compared["compared"] == 8 and 0 <= compared["better_in"] <= 8  # 4 splits x 2 decodings
+    assert "Self-training on 10m + the unlabeled pool labelled by the 10m model" in first.stdout
     assert "peak RSS (MiB)" in first.stdout
 
 
@@ -129,7 +135,7 @@ def test_report_holds_demo_rows_with_numbers_and_embedded_plots(demo_run):
 
 def test_rerun_resumes_instead_of_retraining(demo_run):
     _, _, second = demo_run
-    assert second.stderr.count("already finished") == 5
+    assert second.stderr.count("already finished") == 6  # pretraining, 4 fine-tunings, self-training
 
 
 def _is_number(text: str) -> bool:

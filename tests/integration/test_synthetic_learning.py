@@ -31,7 +31,7 @@ def learned(tmp_path_factory):
         sys.executable, "-m", "repro", "experiment=demo",
         f"demo.corpus_dir={work / 'corpus'}", "demo.corpus_hours=1.0",
         f"demo.pretrain_updates={PRETRAIN_UPDATES}", f"demo.finetune_updates={{10h:{FINETUNE_UPDATES}}}",
-        "demo.splits=[10h]", "demo.from_scratch=false",
+        "demo.splits=[10h]", "demo.from_scratch=false", "demo.self_training_split=null",
         f"demo.report_dir={work / 'reports'}", f"hydra.run.dir={work / 'runs' / 'demo'}", "tracker=none",
     ]
     result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=1200)

@@ -61,6 +61,22 @@ def test_effect_verdict_and_checks_follow_the_numbers():
     assert not next(c for c in effect.checks if c.text.startswith("10m")).met
 
 
+def test_self_training_sentence_says_whether_it_beat_its_labeller():
+    labeller = _finetune("pretrained", "10m", 60.0, 50.0)
+    st = RunRecord(name="demo/self_training_10m", run_dir="", status="finished",
+                   stage="pseudo_label,finetune,evaluate,st_compare", synthetic=True,
+                   results={"kenlm_4gram": {"dev_other": {"wer": 55.0}}}, curves={"pseudo_label/wer": [(0, 42.0)]})
+    effect = effect_summary([labeller, st])
+    assert effect.self_training == {"labeled": "10m", "wer": 55.0, "pseudo_label_wer": 42.0, "labeler_wer": 60.0}
+    assert effect.self_training_sentence == (
+        "Self-training on 10m + the unlabeled pool labelled by the 10m model (pseudo-label WER 42.0%) beat its "
+        "labeller on dev-other with the 4-gram: 55.0 vs 60.0.")
+    assert effect.lines()[-1] == effect.self_training_sentence
+    st.results["kenlm_4gram"]["dev_other"]["wer"] = 61.0
+    assert "did not beat its labeller" in effect_summary([labeller, st]).self_training_sentence
+    assert effect_summary([st]).self_training_sentence is None  # no labeller to compare with
+
+
 def test_peak_rss_is_measured_per_step():
     # In a fresh process: in this one, earlier tests may have tuned malloc (the demo raises glibc's mmap
     # threshold), so 64 MiB could come from heap pages that are already resident and move no counter.
