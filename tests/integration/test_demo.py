@@ -73,7 +73,7 @@ def test_every_stage_left_its_artifacts(demo_run):
     assert set(results["results"]) >= {"dev_clean", "dev_other", "test_clean", "test_other"}
     assert set(results["results"]["dev_other"]) == {"viterbi", "kenlm_4gram"}
     assert (work / "runs" / "mlflow.db").exists()
-    assert len(list(runs.glob("*/wandb/offline-run-*/run-*.wandb"))) == len(expected)
+    assert len(list(runs.glob("*/wandb/offline-run-*/run-*.wandb"))) == len(expected) + 1  # + self-training
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
     steps = json.loads((runs / "steps.json").read_text())
     assert [s["name"] for s in steps][1:6] == ["demo/pretrain"] + [f"demo/{name}" for name in expected[1:]]
@@ -122,7 +122,7 @@ def test_report_holds_demo_rows_with_numbers_and_embedded_plots(demo_run):
     markdown = (work / "reports" / "results.md").read_text()
     synthetic = markdown.split("## Synthetic corpus")[1].split("## Compute")[0]
     rows = [line for line in synthetic.splitlines() if line.startswith("| tiny")]
-    assert len(rows) == 2 * 2 * 2  # splits x (pretrained, scratch) x (viterbi, 4-gram)
+    assert len(rows) == 2 * 2 * 2 + 2  # splits x (pretrained, scratch) x (viterbi, 4-gram), + self-training
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert all(_is_number(c) for c in cells[4:8]), row
@@ -153,5 +153,6 @@ def test_first_run_says_it_creates_the_tracking_store_and_checks_the_audio(demo_
     assert "did not answer" not in first_output and "did not answer" not in second_output
     assert "creating the embedded store" not in second_output
     assert "audio check: " in first_output
-    # each evaluation line once on the terminal (4 fine-tuning runs: 10m and 1h, pretrained and scratch)
-    assert first_output.count("dev_other/viterbi: WER ") == 4
+    # each evaluation line once on the terminal (4 fine-tuning runs: 10m and 1h, pretrained and scratch; and
+    # the self-training run)
+    assert first_output.count("dev_other/viterbi: WER ") == 5

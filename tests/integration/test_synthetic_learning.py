@@ -9,6 +9,7 @@ run is deterministic on a given machine; the thresholds leave room for other CPU
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,9 @@ def learned(tmp_path_factory):
         "demo.splits=[10h]", "demo.from_scratch=false", "demo.self_training_split=null",
         f"demo.report_dir={work / 'reports'}", f"hydra.run.dir={work / 'runs' / 'demo'}", "tracker=none",
     ]
-    result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=1200)
+    # PYTHONPATH: the repro of this checkout, not whichever one the venv has installed
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert result.returncode == 0, result.stderr[-4000:]
     return work / "runs" / "demo"
 
