@@ -263,7 +263,7 @@ def generate_sentence(grammar: Grammar, rng: np.random.Generator) -> list[str]:
 # speaks them, as LibriSpeech's unlabeled train-other-500 holds the harder speakers that dev-other
 # tests while the few labeled minutes do not (issue 20: the effect the paper claims is pretraining on
 # audio like the test's, labels from elsewhere). dev/test-other speakers are still new settings
-# (rate, pitch) of those families, and their degradation is stronger.
+# (rate, pitch) of those families; their degradation is that of the other "other" audio (_DEGRADATION).
 TRAIN_BASE_VOICES = ("en-us", "en", "en-gb-x-rp")
 TRAIN_VARIANTS = ("m1", "m3", "f1", "f2")
 HELDOUT_BASE_VOICES = ("en-gb-scotland", "en-029")

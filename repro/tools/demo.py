@@ -163,16 +163,13 @@ def choose_size(demo: DictConfig, cuda_available: bool) -> DemoSize:
     if demo.auto_size and cuda_available:
         big = demo.cuda
         return DemoSize("cuda", str(big.corpus_dir), float(big.corpus_hours), int(big.pretrain_updates),
-                        _updates_per_split(big.finetune_updates, "demo.cuda.finetune_updates"),
-                        list(big.model_overrides))
+                        _updates_per_split(big.finetune_updates), list(big.model_overrides))
     return DemoSize("cpu", str(demo.corpus_dir), float(demo.corpus_hours), int(demo.pretrain_updates),
-                    _updates_per_split(demo.finetune_updates, "demo.finetune_updates"), [])
+                    _updates_per_split(demo.finetune_updates), [])
 
 
-def _updates_per_split(updates: Any, key: str) -> dict[str, int]:
-    if not hasattr(updates, "items"):
-        raise ConfigError(f"{key} must map each labeled split to its updates, e.g. {{10m: 500, 1h: 800, 10h: 1000}}; "
-                         f"got {updates!r}")
+def _updates_per_split(updates: Any) -> dict[str, int]:
+    """{split: updates} as plain types (the schema already refuses anything but a mapping)."""
     return {str(split): int(count) for split, count in updates.items()}
 
 
@@ -321,22 +318,29 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
     pretrained = pretrain_dir / "checkpoints" / "checkpoint_last.pt"
 
     lm_dir = corpus_dir / "lm"
+
+    def labeled_split(split: str) -> list[str]:
+        """Overrides every fine-tuning step on `split` shares: data, updates, the 4-gram's files, the report."""
+        return [
+            f"task.data={manifests / 'finetune'}",
+            f"dataset.train_subset=train_{split}",
+            f"optimization.max_update={size.finetune_updates[split]}",
+            f"decodings.kenlm_4gram.lm_model={lm_dir / '4-gram.bin'}",
+            f"decodings.kenlm_4gram.lexicon={lm_dir / 'lexicon.txt'}",
+            f"paper.labeled_data={split}",
+            f"paper.decoding=[{','.join(demo.decodings)}]",
+            *common,
+        ]
+
     variants = [("pretrained", False)] + ([("scratch", True)] if demo.from_scratch else [])
     plans: list[tuple[StepPlan, str | None]] = [(pretrain, None)]
     for split in demo.splits:
         for variant, from_scratch in variants:
             overrides = [
-                f"task.data={manifests / 'finetune'}",
-                f"dataset.train_subset=train_{split}",
-                f"optimization.max_update={size.finetune_updates[split]}",
+                *labeled_split(split),
                 f"model.no_pretrained_weights={from_scratch}",
                 f"model.w2v_path={'null' if from_scratch else pretrained}",
-                f"decodings.kenlm_4gram.lm_model={lm_dir / '4-gram.bin'}",
-                f"decodings.kenlm_4gram.lexicon={lm_dir / 'lexicon.txt'}",
-                f"paper.labeled_data={split}",
                 f"paper.pretrain_data={'synthetic' if not from_scratch else 'none'}",
-                f"paper.decoding=[{','.join(demo.decodings)}]",
-                *common,
             ]
             # the MLflow run name is the run directory: demo/pretrained_10m
             plans.append((StepPlan(f"demo/{variant}_{split}", run_dir / f"{variant}_{split}",
@@ -346,17 +350,10 @@ def run_demo(cfg: DictConfig, run_dir: Path, tracker: Any = None) -> dict[str, A
     if st_split:  # Xu et al. in miniature: the split's model labels the pool; fine-tune again on both
         labeler = f"pretrained_{st_split}"
         st_cfg = compose_experiment("demo_st", [
-            f"task.data={manifests / 'finetune'}",
-            f"dataset.train_subset=train_{st_split}",
-            f"optimization.max_update={size.finetune_updates[st_split]}",
+            *labeled_split(st_split),
             f"model.w2v_path={pretrained}",
             f"self_training.unlabeled_data={manifests / 'pretrain' / 'train.tsv'}",
             f"self_training.labeling_checkpoint={run_dir / labeler / 'checkpoints' / 'checkpoint_best.pt'}",
-            f"decodings.kenlm_4gram.lm_model={lm_dir / '4-gram.bin'}",
-            f"decodings.kenlm_4gram.lexicon={lm_dir / 'lexicon.txt'}",
-            f"paper.labeled_data={st_split}",
-            f"paper.decoding=[{','.join(demo.decodings)}]",
-            *common,
         ])
         plans.append((StepPlan(f"demo/self_training_{st_split}", run_dir / f"self_training_{st_split}", st_cfg,
                                list(st_cfg.stages)), f"demo/{labeler}"))
