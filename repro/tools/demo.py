@@ -37,17 +37,14 @@ from omegaconf import DictConfig
 from repro.config import CONF_DIR, ConfigError
 from repro.data.manifest import write_manifest
 from repro.data.synth import make_corpus
-from repro.decode.evaluate import run_evaluate
-from repro.launch.pseudo_label import run_pseudo_label
 from repro.report.__main__ import write_report
 from repro.report.collect import collect_run_dirs
 from repro.report.effect import effect_summary
+from repro.stages import resolve_stage
 from repro.tools.manifest import build_manifest
 from repro.tools.prepare_librispeech import prepare
 from repro.track import build_tracker
 from repro.track.status import read_status, run_stages
-from repro.train.self_training import run_compare
-from repro.train.stages import run_finetune, run_pretrain
 
 EVAL_SPLITS = ["dev_clean", "dev_other", "test_clean", "test_other"]
 STEPS_FILE = "steps.json"
@@ -193,10 +190,6 @@ def run_step(name: str, run_dir: Path, cfg: DictConfig, stages: list[tuple[str, 
     return record
 
 
-_STAGE_FUNCTIONS: dict[str, Callable] = {"pretrain": run_pretrain, "finetune": run_finetune, "evaluate": run_evaluate,
-                                         "pseudo_label": run_pseudo_label, "st_compare": run_compare}
-
-
 @dataclass
 class StepPlan:
     """One demo step to run: a name, its run directory, its composed config and its stages (by name)."""
@@ -219,7 +212,7 @@ def _start_worker(threads: int, log_file: str | None) -> None:
 
 
 def _run_planned_step(plan: StepPlan, earlier: dict[str, StepRecord]) -> StepRecord:
-    return run_step(plan.name, plan.run_dir, plan.cfg, [(s, _STAGE_FUNCTIONS[s]) for s in plan.stages], earlier)
+    return run_step(plan.name, plan.run_dir, plan.cfg, [(s, resolve_stage(s)) for s in plan.stages], earlier)
 
 
 def _log_file() -> str | None:

@@ -13,15 +13,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from repro.cli import (
-    CONF_DIR,
-    STAGE_IMPLEMENTATIONS,
-    StageNotBuilt,
-    _rewrite_shorthands,
-    resolve_stage,
-    run,
-)
+from repro.cli import CONF_DIR, _rewrite_shorthands, run
 from repro.config import ConfigError, ReproConfig, check_ranges, register_configs
+from repro.stages import STAGE_IMPLEMENTATIONS, StageNotBuilt, resolve_stage
 from repro.tools.__main__ import main as tools_main
 
 REPO = Path(__file__).resolve().parents[2]
