@@ -78,7 +78,7 @@ def test_self_training_sentence_says_whether_it_beat_its_labeller():
 
 
 def test_peak_rss_is_measured_per_step():
-    # In a fresh process: in this one, earlier tests may have tuned malloc (the demo raises glibc's mmap
+    # In a fresh process: in this one, earlier tests may have tuned malloc (demo.low_memory fixes glibc's mmap
     # threshold), so 64 MiB could come from heap pages that are already resident and move no counter.
     script = (
         "from repro.tools.demo import peak_rss_mb, reset_peak_rss\n"
@@ -90,3 +90,25 @@ def test_peak_rss_is_measured_per_step():
                             cwd=Path(__file__).resolve().parents[2], timeout=120)
     before, after = map(float, result.stdout.split())
     assert after >= before + 48
+
+
+def test_low_memory_returns_freed_blocks_to_the_system():
+    # A freed 8 MiB block raises glibc's mmap threshold, so the next 4 MiB block comes from heap pages that stay
+    # resident after free (the fast default); demo.low_memory serves it with mmap, which returns it at free.
+    script = (
+        "import ctypes, sys\n"
+        "from repro.tools.demo import _start_worker, current_rss_mb\n"
+        "_start_worker(1, sys.argv[1] == 'low', None)\n"
+        "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+        "libc.free(libc.malloc(8 << 20))\n"
+        "block = libc.malloc(4 << 20); ctypes.memset(block, 1, 4 << 20)\n"
+        "with_block = current_rss_mb(); libc.free(block)\n"
+        "print(with_block - current_rss_mb())\n"
+    )
+    returned = {}
+    for mode in ("low", "default"):
+        result = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parents[2], timeout=120)
+        returned[mode] = float(result.stdout.split()[-1])
+    assert returned["low"] >= 3.5, returned
+    assert returned["default"] < 1.0, returned
