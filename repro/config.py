@@ -784,9 +784,9 @@ class DemoConfig:
     """Total hours of synthetic speech over all splits."""
     corpus_seed: int= non_negative(0)
     """Seed of the synthetic corpus (same seed, same bytes)."""
-    pretrain_updates: int= positive(600)
+    pretrain_updates: int= positive(1000)
     """Pretraining updates of the tiny model."""
-    finetune_updates: dict[str, int] = field(default_factory=lambda: {"10m": 500, "1h": 800, "10h": 1000})
+    finetune_updates: dict[str, int] = field(default_factory=lambda: {"10m": 500, "1h": 800, "10h": 1500})
     """Fine-tuning updates per labeled split (`{10m: 500, ...}`): fewer labels overfit sooner."""
     splits: list[str] = field(default_factory=lambda: ["10m", "1h", "10h"])
     """Labeled splits fine-tuned (Libri-light analogues)."""

@@ -21,8 +21,13 @@ from repro.tools.__main__ import main as tools_main
 REPO = Path(__file__).resolve().parents[2]
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 def run_repro(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "repro", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    # PYTHONPATH: the repro of this checkout, not whichever one the venv has installed
+    return subprocess.run([sys.executable, "-m", "repro", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 @pytest.fixture(scope="module")
