@@ -37,7 +37,7 @@ def write_report(records, out_dir: Path, title: str = "repro: results beside the
         "csv": out_dir / "results.csv",
         "html": out_dir / "report.html",
     }
-    written["markdown"].write_text(to_markdown(tables, compute))
+    written["markdown"].write_text(to_markdown(tables, compute, effect=effect))
     written["latex"].write_text(to_latex(tables))
     written["csv"].write_text(to_csv(tables))
     (out_dir / "plots").mkdir(exist_ok=True)

@@ -13,8 +13,8 @@ from repro.report.tables import SPLIT_TITLES, ComputeRow, Table, format_cell
 ROW_HEADER = ["Model", "Unlabeled", "Labeled", "LM"]
 
 
-def _row_cells(table: Table):
-    for row in table.rows:
+def _row_cells(table: Table, rows=None):
+    for row in table.rows if rows is None else rows:
         cells = [row.model, row.pretrain_data, row.labeled_data, row.lm]
         cells += [format_cell(row, split, table.synthetic) for split in SPLITS]
         yield row, cells
@@ -28,21 +28,54 @@ def _hours(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def to_markdown(tables: list[Table], compute: list[ComputeRow]) -> str:
+def _rows(count: int, what: str) -> str:
+    return f"{count} {what} row{'' if count == 1 else 's'}"
+
+
+def _layout(tables: list[Table]) -> tuple[list[tuple[Table, list, list]], list[tuple[Table, list]]]:
+    """What a page shows first and what it folds: ([(table, rows run, rows not run)] for every table with a
+    run, the synthetic corpus's first; [(table, rows)] for the tables none of whose rows ran)."""
+    shown, folded = [], []
+    for table in sorted(tables, key=lambda t: not t.synthetic):  # what this suite ran on its own corpus first
+        ran = [row for row in table.rows if row.status != "not run"]
+        not_run = [row for row in table.rows if row.status == "not run"]
+        if ran:
+            shown.append((table, ran, not_run))
+        else:
+            folded.append((table, not_run))
+    return shown, folded
+
+
+def _markdown_table(table: Table, rows, status: bool = True) -> list[str]:
+    header = ROW_HEADER + [SPLIT_TITLES[s] for s in SPLITS] + (["Status"] if status else [])
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, cells in _row_cells(table, rows):
+        out.append("| " + " | ".join(cells + ([row.status] if status else [])) + " |")
+    return out + [""]
+
+
+def to_markdown(tables: list[Table], compute: list[ComputeRow], effect: Effect | None = None) -> str:
+    """Markdown laid out as the HTML page: the demo's verdict when there is one, the rows that ran, then
+    the paper rows not run folded under <details>."""
     out = ["# Results beside the paper", ""]
-    for table in tables:
+    if effect is not None:
+        out += ["## What the demo shows", "", *effect.lines(), ""]
+    shown, folded = _layout(tables)
+    for table, ran, not_run in shown:
         out += [f"## {table.title}", "", _cell_legend(table) + ".", ""]
-        header = ROW_HEADER + [SPLIT_TITLES[s] for s in SPLITS] + ["Status"]
-        out.append("| " + " | ".join(header) + " |")
-        out.append("|" + "---|" * len(header))
-        for row, cells in _row_cells(table):
-            out.append("| " + " | ".join(cells + [row.status]) + " |")
-        out.append("")
+        out += _markdown_table(table, ran)
+        if not_run:
+            out += [f"<details><summary>{_rows(len(not_run), 'more paper')}, not run</summary>", ""]
+            out += _markdown_table(table, not_run, status=False) + ["</details>", ""]
     out += ["## Compute", "", "| Run | Status | GPUs | Wall hours | GPU-hours | Paper GPU-hours |", "|---|---|---|---|---|---|"]
     for c in compute:
         out.append(
             f"| {c.run} | {c.status} | {c.gpus} | {_hours(c.wall_hours)} | {_hours(c.gpu_hours)} | {_hours(c.paper_gpu_hours)} |"
         )
+    for table, rows in folded:
+        out += ["", f"<details><summary>{table.title}: {_rows(len(rows), 'paper')}, none run</summary>", "",
+                _cell_legend(table) + ".", ""]
+        out += _markdown_table(table, rows, status=False) + ["</details>"]
     return "\n".join(out) + "\n"
 
 
@@ -199,18 +232,12 @@ def to_html(tables: list[Table], compute: list[ComputeRow], plots: dict[str, str
             caption = (captions or {}).get(name, name.replace("_", " "))
             out.append(f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{png_base64}'>"
                        f"<figcaption>{e(caption)}</figcaption></figure>")
-    ordered = sorted(tables, key=lambda t: not t.synthetic)  # what this suite ran on its own corpus first
-    folded = []
-    for table in ordered:
-        ran = [row for row in table.rows if row.status != "not run"]
-        not_run = [row for row in table.rows if row.status == "not run"]
-        if not ran:
-            folded.append((table, not_run))
-            continue
+    shown, folded = _layout(tables)
+    for table, ran, not_run in shown:
         out.append(f"<h2>{e(table.title)}</h2><p>{e(_cell_legend(table))}</p>")
         out += _results_table(table, ran)
         if not_run:
-            out.append(f"<details><summary>{len(not_run)} more paper rows, not run</summary>")
+            out.append(f"<details><summary>{_rows(len(not_run), 'more paper')}, not run</summary>")
             out += _results_table(table, not_run)
             out.append("</details>")
     if compute:
@@ -225,7 +252,7 @@ def to_html(tables: list[Table], compute: list[ComputeRow], plots: dict[str, str
             )
         out.append("</tbody></table>")
     for table, rows in folded:
-        out.append(f"<details><summary>{e(table.title)}: {len(rows)} paper rows, none run</summary>")
+        out.append(f"<details><summary>{e(table.title)}: {_rows(len(rows), 'paper')}, none run</summary>")
         out.append(f"<p>{e(_cell_legend(table))}</p>")
         out += _results_table(table, rows)
         out.append("</details>")

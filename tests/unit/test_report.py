@@ -206,6 +206,11 @@ def test_collect_from_run_dirs_and_write_self_contained_html(tmp_path):
     assert parser.tables >= 4  # tables 1, 2, synthetic, compute
     assert len(parser.images) >= 3 and all(src.startswith("data:image/png;base64,iVBOR") for src in parser.images)
     assert "55.5" in page
+    # the Markdown leads as the page does: the demo's verdict and its own table, the paper's unrun rows folded last
+    markdown = (tmp_path / "reports" / "results.md").read_text()
+    assert markdown.index("## What the demo shows") < markdown.index("## Synthetic corpus") < markdown.index("## Compute")
+    assert markdown.index("## Compute") < markdown.index("<details><summary>Table 1")
+    assert "| not run |" not in markdown and "55.5" in markdown
     written = write_report(records, tmp_path / "again")
     assert {"plot:code_usage", "plot:finetuning_error", "plot:pretraining_loss"} <= set(written)
 
