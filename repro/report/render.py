@@ -59,7 +59,10 @@ def to_markdown(tables: list[Table], compute: list[ComputeRow], effect: Effect |
     the paper rows not run folded under <details>."""
     out = ["# Results beside the paper", ""]
     if effect is not None:
-        out += ["## What the demo shows", "", *effect.lines(), ""]
+        out += ["## What the demo shows", "", f"Verdict: {effect.verdict}", ""]
+        out += [f"- [{'x' if check.met else ' '}] {check.text}" for check in effect.checks] + [""]
+        if effect.self_training_sentence:
+            out += [effect.self_training_sentence, ""]
     shown, folded = _layout(tables)
     for table, ran, not_run in shown:
         out += [f"## {table.title}", "", _cell_legend(table) + ".", ""]
