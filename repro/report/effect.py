@@ -109,9 +109,13 @@ class Effect:
         return (f"Self-training on {labeled} + the unlabeled pool labelled by the {labeled} model{pseudo} {outcome} "
                 f"its labeller on dev-other with the 4-gram: {wer:.1f} vs {labeler:.1f}.")
 
+    def check_lines(self, bullet: str) -> list[str]:
+        """Each goal check as `<bullet>[x] text` (met) or `<bullet>[ ] text`: the terminal's and Markdown's list."""
+        return [f"{bullet}[{'x' if check.met else ' '}] {check.text}" for check in self.checks]
+
     def lines(self) -> list[str]:
         """The verdict and each check, for the demo's terminal summary."""
-        lines = [f"Verdict: {self.verdict}"] + [f"  [{'x' if c.met else ' '}] {c.text}" for c in self.checks]
+        lines = [f"Verdict: {self.verdict}", *self.check_lines("  ")]
         return lines + ([self.self_training_sentence] if self.self_training_sentence else [])
 
 

@@ -60,7 +60,7 @@ def to_markdown(tables: list[Table], compute: list[ComputeRow], effect: Effect |
     out = ["# Results beside the paper", ""]
     if effect is not None:
         out += ["## What the demo shows", "", f"Verdict: {effect.verdict}", ""]
-        out += [f"- [{'x' if check.met else ' '}] {check.text}" for check in effect.checks] + [""]
+        out += effect.check_lines("- ") + [""]
         if effect.self_training_sentence:
             out += [effect.self_training_sentence, ""]
     shown, folded = _layout(tables)
